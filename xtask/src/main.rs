@@ -1,0 +1,50 @@
+//! Project tasks: `cargo xtask <task>`. Unpublished.
+
+mod apt;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
+
+/// The workspace root (this crate lives in `<root>/xtask`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+/// Where downloads, unpacked packages, kernels and images are cached (`IOMMUFD_CACHE` overrides).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("IOMMUFD_CACHE").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".cache"))
+}
+
+/// Runs a command, failing with its command line if it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{cmd:?} failed: {status}").into());
+    }
+    Ok(())
+}
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+  gen-sys     regenerate sys/src/bindings.rs from the pinned uAPI headers (needs libclang)
+  check-sys   regenerate into the cache and fail if the committed bindings differ (drift check)
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("gen-sys") => sys::gen_sys(),
+        Some("check-sys") => sys::check_sys(),
+        _ => {
+            eprint!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e}");
+        std::process::exit(1);
+    }
+}
