@@ -5,7 +5,7 @@
 // files:       linux/iommufd.h, linux/vfio.h
 // bindgen:     0.73.2
 // option:      target x86_64-unknown-linux-gnu (the 64-bit layout, identical on aarch64/riscv64/ppc64le/s390x)
-// option:      allowlist: iommu*, IOMMU*, vfio*, VFIO*, and what they reference
+// option:      allowlist: iommu_*, iommufd_*, vfio_*, IOMMU*, VFIO* and what they reference
 // option:      use_core, ctypes_prefix ::core::ffi
 // option:      prepend_enum_name(false), default enum style (consts + type alias)
 // option:      derive Default, Debug, Copy, Clone; layout tests (compile-time asserts)
@@ -513,6 +513,17 @@ const _: () = {
         "Offset of field: iommu_ioas_allow_iovas::allowed_iovas",
     ][::core::mem::offset_of!(iommu_ioas_allow_iovas, allowed_iovas) - 16usize];
 };
+pub const IOMMU_IOAS_MAP_FIXED_IOVA: iommufd_ioas_map_flags = 1;
+pub const IOMMU_IOAS_MAP_WRITEABLE: iommufd_ioas_map_flags = 2;
+pub const IOMMU_IOAS_MAP_READABLE: iommufd_ioas_map_flags = 4;
+/**```text
+ enum iommufd_ioas_map_flags - Flags for map and copy
+ @IOMMU_IOAS_MAP_FIXED_IOVA: If clear the kernel will compute an appropriate
+                             IOVA to place the mapping at
+ @IOMMU_IOAS_MAP_WRITEABLE: DMA is allowed to write to this mapping
+ @IOMMU_IOAS_MAP_READABLE: DMA is allowed to read from this mapping
+```*/
+pub type iommufd_ioas_map_flags = ::core::ffi::c_uint;
 /**```text
  struct iommu_ioas_map - ioctl(IOMMU_IOAS_MAP)
  @size: sizeof(struct iommu_ioas_map)
@@ -782,6 +793,31 @@ const _: () = {
         "Offset of field: iommu_ioas_unmap::length",
     ][::core::mem::offset_of!(iommu_ioas_unmap, length) - 16usize];
 };
+pub const IOMMU_OPTION_RLIMIT_MODE: iommufd_option = 0;
+pub const IOMMU_OPTION_HUGE_PAGES: iommufd_option = 1;
+/**```text
+ enum iommufd_option - ioctl(IOMMU_OPTION_RLIMIT_MODE) and
+                       ioctl(IOMMU_OPTION_HUGE_PAGES)
+ @IOMMU_OPTION_RLIMIT_MODE:
+    Change how RLIMIT_MEMLOCK accounting works. The caller must have privilege
+    to invoke this. Value 0 (default) is user based accounting, 1 uses process
+    based accounting. Global option, object_id must be 0
+ @IOMMU_OPTION_HUGE_PAGES:
+    Value 1 (default) allows contiguous pages to be combined when generating
+    iommu mappings. Value 0 disables combining, everything is mapped to
+    PAGE_SIZE. This can be useful for benchmarking.  This is a per-IOAS
+    option, the object_id must be the IOAS ID.
+```*/
+pub type iommufd_option = ::core::ffi::c_uint;
+pub const IOMMU_OPTION_OP_SET: iommufd_option_ops = 0;
+pub const IOMMU_OPTION_OP_GET: iommufd_option_ops = 1;
+/**```text
+ enum iommufd_option_ops - ioctl(IOMMU_OPTION_OP_SET) and
+                           ioctl(IOMMU_OPTION_OP_GET)
+ @IOMMU_OPTION_OP_SET: Set the option's value
+ @IOMMU_OPTION_OP_GET: Get the option's value
+```*/
+pub type iommufd_option_ops = ::core::ffi::c_uint;
 /**```text
  struct iommu_option - iommu option multiplexer
  @size: sizeof(struct iommu_option)
@@ -828,6 +864,16 @@ const _: () = {
         "Offset of field: iommu_option::val64",
     ][::core::mem::offset_of!(iommu_option, val64) - 16usize];
 };
+pub const IOMMU_VFIO_IOAS_GET: iommufd_vfio_ioas_op = 0;
+pub const IOMMU_VFIO_IOAS_SET: iommufd_vfio_ioas_op = 1;
+pub const IOMMU_VFIO_IOAS_CLEAR: iommufd_vfio_ioas_op = 2;
+/**```text
+ enum iommufd_vfio_ioas_op - IOMMU_VFIO_IOAS_* ioctls
+ @IOMMU_VFIO_IOAS_GET: Get the current compatibility IOAS
+ @IOMMU_VFIO_IOAS_SET: Change the current compatibility IOAS
+ @IOMMU_VFIO_IOAS_CLEAR: Disable VFIO compatibility
+```*/
+pub type iommufd_vfio_ioas_op = ::core::ffi::c_uint;
 /**```text
  struct iommu_vfio_ioas - ioctl(IOMMU_VFIO_IOAS)
  @size: sizeof(struct iommu_vfio_ioas)
@@ -870,6 +916,30 @@ const _: () = {
         "Offset of field: iommu_vfio_ioas::__reserved",
     ][::core::mem::offset_of!(iommu_vfio_ioas, __reserved) - 10usize];
 };
+pub const IOMMU_HWPT_ALLOC_NEST_PARENT: iommufd_hwpt_alloc_flags = 1;
+pub const IOMMU_HWPT_ALLOC_DIRTY_TRACKING: iommufd_hwpt_alloc_flags = 2;
+pub const IOMMU_HWPT_FAULT_ID_VALID: iommufd_hwpt_alloc_flags = 4;
+pub const IOMMU_HWPT_ALLOC_PASID: iommufd_hwpt_alloc_flags = 8;
+/**```text
+ enum iommufd_hwpt_alloc_flags - Flags for HWPT allocation
+ @IOMMU_HWPT_ALLOC_NEST_PARENT: If set, allocate a HWPT that can serve as
+                                the parent HWPT in a nesting configuration.
+ @IOMMU_HWPT_ALLOC_DIRTY_TRACKING: Dirty tracking support for device IOMMU is
+                                   enforced on device attachment
+ @IOMMU_HWPT_FAULT_ID_VALID: The fault_id field of hwpt allocation data is
+                             valid.
+ @IOMMU_HWPT_ALLOC_PASID: Requests a domain that can be used with PASID. The
+                          domain can be attached to any PASID on the device.
+                          Any domain attached to the non-PASID part of the
+                          device must also be flagged, otherwise attaching a
+                          PASID will blocked.
+                          For the user that wants to attach PASID, ioas is
+                          not recommended for both the non-PASID part
+                          and PASID part of the device.
+                          If IOMMU does not support PASID it will return
+                          error (-EOPNOTSUPP).
+```*/
+pub type iommufd_hwpt_alloc_flags = ::core::ffi::c_uint;
 pub const IOMMU_VTD_S1_SRE: iommu_hwpt_vtd_s1_flags = 1;
 pub const IOMMU_VTD_S1_EAFE: iommu_hwpt_vtd_s1_flags = 2;
 pub const IOMMU_VTD_S1_WPE: iommu_hwpt_vtd_s1_flags = 4;
@@ -1314,6 +1384,37 @@ pub const IOMMU_HW_INFO_TYPE_AMD: iommu_hw_info_type = 4;
  @IOMMU_HW_INFO_TYPE_AMD: AMD IOMMU info type
 ```*/
 pub type iommu_hw_info_type = ::core::ffi::c_uint;
+pub const IOMMU_HW_CAP_DIRTY_TRACKING: iommufd_hw_capabilities = 1;
+pub const IOMMU_HW_CAP_PCI_PASID_EXEC: iommufd_hw_capabilities = 2;
+pub const IOMMU_HW_CAP_PCI_PASID_PRIV: iommufd_hw_capabilities = 4;
+pub const IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED: iommufd_hw_capabilities = 8;
+/**```text
+ enum iommufd_hw_capabilities
+ @IOMMU_HW_CAP_DIRTY_TRACKING: IOMMU hardware support for dirty tracking
+                               If available, it means the following APIs
+                               are supported:
+
+                                   IOMMU_HWPT_GET_DIRTY_BITMAP
+                                   IOMMU_HWPT_SET_DIRTY_TRACKING
+
+ @IOMMU_HW_CAP_PCI_PASID_EXEC: Execute Permission Supported, user ignores it
+                               when the struct
+                               iommu_hw_info::out_max_pasid_log2 is zero.
+ @IOMMU_HW_CAP_PCI_PASID_PRIV: Privileged Mode Supported, user ignores it
+                               when the struct
+                               iommu_hw_info::out_max_pasid_log2 is zero.
+ @IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED: ATS is not supported or cannot be used
+                                      on this device (absence implies ATS
+                                      may be enabled)
+```*/
+pub type iommufd_hw_capabilities = ::core::ffi::c_uint;
+pub const IOMMU_HW_INFO_FLAG_INPUT_TYPE: iommufd_hw_info_flags = 1;
+/**```text
+ enum iommufd_hw_info_flags - Flags for iommu_hw_info
+ @IOMMU_HW_INFO_FLAG_INPUT_TYPE: If set, @in_data_type carries an input type
+                                 for user space to request for a specific info
+```*/
+pub type iommufd_hw_info_flags = ::core::ffi::c_uint;
 /**```text
  struct iommu_hw_info - ioctl(IOMMU_GET_HW_INFO)
  @size: sizeof(struct iommu_hw_info)
@@ -1433,6 +1534,8 @@ impl Default for iommu_hw_info {
         }
     }
 }
+pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: iommufd_hwpt_set_dirty_tracking_flags = 1;
+pub type iommufd_hwpt_set_dirty_tracking_flags = ::core::ffi::c_uint;
 /**```text
  struct iommu_hwpt_set_dirty_tracking - ioctl(IOMMU_HWPT_SET_DIRTY_TRACKING)
  @size: sizeof(struct iommu_hwpt_set_dirty_tracking)
@@ -1471,6 +1574,16 @@ const _: () = {
         "Offset of field: iommu_hwpt_set_dirty_tracking::__reserved",
     ][::core::mem::offset_of!(iommu_hwpt_set_dirty_tracking, __reserved) - 12usize];
 };
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: iommufd_hwpt_get_dirty_bitmap_flags = 1;
+/**```text
+ enum iommufd_hwpt_get_dirty_bitmap_flags - Flags for getting dirty bits
+ @IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: Just read the PTEs without clearing
+                                        any dirty bits metadata. This flag
+                                        can be passed in the expectation
+                                        where the next operation is an unmap
+                                        of the same IOVA range.
+```*/
+pub type iommufd_hwpt_get_dirty_bitmap_flags = ::core::ffi::c_uint;
 /**```text
  struct iommu_hwpt_get_dirty_bitmap - ioctl(IOMMU_HWPT_GET_DIRTY_BITMAP)
  @size: sizeof(struct iommu_hwpt_get_dirty_bitmap)
@@ -1795,6 +1908,18 @@ const _: () = {
         "Offset of field: iommu_hwpt_pgfault::cookie",
     ][::core::mem::offset_of!(iommu_hwpt_pgfault, cookie) - 36usize];
 };
+pub const IOMMUFD_PAGE_RESP_SUCCESS: iommufd_page_response_code = 0;
+pub const IOMMUFD_PAGE_RESP_INVALID: iommufd_page_response_code = 1;
+/**```text
+ enum iommufd_page_response_code - Return status of fault handlers
+ @IOMMUFD_PAGE_RESP_SUCCESS: Fault has been handled and the page tables
+                             populated, retry the access. This is the
+                             "Success" defined in PCI 10.4.2.1.
+ @IOMMUFD_PAGE_RESP_INVALID: Could not handle this fault, don't retry the
+                             access. This is the "Invalid Request" in PCI
+                             10.4.2.1.
+```*/
+pub type iommufd_page_response_code = ::core::ffi::c_uint;
 /**```text
  struct iommu_hwpt_page_response - IOMMU page fault response
  @cookie: The kernel-managed cookie reported in the fault message.
@@ -2065,6 +2190,55 @@ pub const IOMMU_VEVENTQ_FLAG_LOST_EVENTS: iommu_veventq_flag = 1;
  @IOMMU_VEVENTQ_FLAG_LOST_EVENTS: vEVENTQ has lost vEVENTs
 ```*/
 pub type iommu_veventq_flag = ::core::ffi::c_uint;
+/**```text
+ struct iommufd_vevent_header - Virtual Event Header for a vEVENTQ Status
+ @flags: Combination of enum iommu_veventq_flag
+ @sequence: The sequence index of a vEVENT in the vEVENTQ, with a range of
+            [0, INT_MAX] where the following index of INT_MAX is 0
+
+ Each iommufd_vevent_header reports a sequence index of the following vEVENT:
+
+ +----------------------+-------+----------------------+-------+---+-------+
+ | header0 {sequence=0} | data0 | header1 {sequence=1} | data1 |...| dataN |
+ +----------------------+-------+----------------------+-------+---+-------+
+
+ And this sequence index is expected to be monotonic to the sequence index of
+ the previous vEVENT. If two adjacent sequence indexes has a delta larger than
+ 1, it means that delta - 1 number of vEVENTs has lost, e.g. two lost vEVENTs:
+
+ +-----+----------------------+-------+----------------------+-------+-----+
+ | ... | header3 {sequence=3} | data3 | header6 {sequence=6} | data6 | ... |
+ +-----+----------------------+-------+----------------------+-------+-----+
+
+ If a vEVENT lost at the tail of the vEVENTQ and there is no following vEVENT
+ providing the next sequence index, an IOMMU_VEVENTQ_FLAG_LOST_EVENTS header
+ would be added to the tail, and no data would follow this header:
+
+ +--+----------------------+-------+-----------------------------------------+
+ |..| header3 {sequence=3} | data3 | header4 {flags=LOST_EVENTS, sequence=4} |
+ +--+----------------------+-------+-----------------------------------------+
+```*/
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct iommufd_vevent_header {
+    pub flags: __u32,
+    pub sequence: __u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of iommufd_vevent_header",
+    ][::core::mem::size_of::<iommufd_vevent_header>() - 8usize];
+    [
+        "Alignment of iommufd_vevent_header",
+    ][::core::mem::align_of::<iommufd_vevent_header>() - 4usize];
+    [
+        "Offset of field: iommufd_vevent_header::flags",
+    ][::core::mem::offset_of!(iommufd_vevent_header, flags) - 0usize];
+    [
+        "Offset of field: iommufd_vevent_header::sequence",
+    ][::core::mem::offset_of!(iommufd_vevent_header, sequence) - 4usize];
+};
 pub const IOMMU_VEVENTQ_TYPE_DEFAULT: iommu_veventq_type = 0;
 pub const IOMMU_VEVENTQ_TYPE_ARM_SMMUV3: iommu_veventq_type = 1;
 pub const IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV: iommu_veventq_type = 2;

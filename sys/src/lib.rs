@@ -17,7 +17,7 @@
 
 #![no_std]
 #![allow(non_camel_case_types, non_upper_case_globals, non_snake_case)]
-#![allow(clippy::all, missing_docs, rustdoc::all)]
+#![allow(clippy::all, missing_docs, rustdoc::all, unsafe_op_in_unsafe_fn)]
 
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!(

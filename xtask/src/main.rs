@@ -1,7 +1,10 @@
 //! Project tasks: `cargo xtask <task>`. Unpublished.
 
 mod apt;
+mod host;
+mod kernel;
 mod sys;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,6 +34,11 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
   gen-sys     regenerate sys/src/bindings.rs from the pinned uAPI headers (needs libclang)
   check-sys   regenerate into the cache and fail if the committed bindings differ (drift check)
+  kernel      build (or reuse the cached) test-VM kernel from Debian's pinned linux-source; prints its path
+  vm-test [--iommu intel|virtio] [--timeout SECS] [-- ARGS]
+              run tests/*.rs (and examples/edu_dma) inside QEMU VMs booting that kernel, under intel-iommu
+              then virtio-iommu (or just the one named); ARGS go to every test binary
+  vm-demo     boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
 ";
 
 fn main() {
@@ -38,6 +46,9 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("gen-sys") => sys::gen_sys(),
         Some("check-sys") => sys::check_sys(),
+        Some("kernel") => kernel::kernel(),
+        Some("vm-test") => vm::vm_test(&args[1..]),
+        Some("vm-demo") => vm::vm_demo(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             std::process::exit(2);

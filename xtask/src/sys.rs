@@ -26,7 +26,7 @@ const HEADERS: &[&str] = &["linux/iommufd.h", "linux/vfio.h"];
 /// The bindgen options, recorded verbatim in the generated file.
 const OPTIONS: &[&str] = &[
     "target x86_64-unknown-linux-gnu (the 64-bit layout, identical on aarch64/riscv64/ppc64le/s390x)",
-    "allowlist: iommu*, IOMMU*, vfio*, VFIO*, and what they reference",
+    "allowlist: iommu_*, iommufd_*, vfio_*, IOMMU*, VFIO* and what they reference",
     "use_core, ctypes_prefix ::core::ffi",
     "prepend_enum_name(false), default enum style (consts + type alias)",
     "derive Default, Debug, Copy, Clone; layout tests (compile-time asserts)",
@@ -75,7 +75,7 @@ fn generate(include: &Path) -> Result<String> {
         .clang_arg("-nostdinc")
         .clang_arg(format!("-I{}", include.display()))
         .clang_arg(format!("-I{}", asm_include.display()))
-        .allowlist_type("(iommu|vfio)_.*")
+        .allowlist_type("(iommu|iommufd|vfio)_.*")
         .allowlist_var("(IOMMU|IOMMUFD|VFIO)_.*")
         .allowlist_type("(IOMMU|IOMMUFD|VFIO)_.*")
         .use_core()

@@ -1,0 +1,1 @@
+//! Device access: info, regions, IRQs, reset, bus mastering.

@@ -1,0 +1,1 @@
+//! IOMMU group facts.

@@ -1,0 +1,206 @@
+//! [`Iommufd`]: an open `/dev/iommu`, the context every IOAS, page table and bound device lives in.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use iommufd_sys as sys;
+
+use crate::error::{Error, Result};
+use crate::ioas::Ioas;
+use crate::ioctl::{self, Sized32};
+
+/// The iommufd device node.
+pub const DEV_IOMMU: &str = "/dev/iommu";
+
+/// An open iommufd: the context in which IOASes, page tables and bound devices live.
+///
+/// Cloning is cheap and shares the one file descriptor: every object allocated from it holds a clone,
+/// so the fd stays open until the last object is gone. Object ids are local to one iommufd; passing
+/// an object of another iommufd is refused with [`Error::ForeignObject`] before any ioctl.
+#[derive(Clone)]
+pub struct Iommufd {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fd: OwnedFd,
+    /// sysfs names (PCI addresses) of the devices currently bound to this iommufd.
+    bound: Mutex<Vec<String>>,
+}
+
+/// How pinned pages are charged against `RLIMIT_MEMLOCK` (`IOMMU_OPTION_RLIMIT_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RlimitMode {
+    /// Charged to the user (`user->locked_vm`), the kernel's default.
+    PerUser,
+    /// Charged to the process (`mm->pinned_vm`), as the VFIO type1 container does.
+    PerProcess,
+}
+
+impl std::fmt::Debug for Iommufd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iommufd").field("fd", &self.inner.fd.as_raw_fd()).finish()
+    }
+}
+
+impl Iommufd {
+    /// Opens `/dev/iommu`.
+    ///
+    /// `ENOENT` is reported with the hint that the running kernel lacks `CONFIG_IOMMUFD`.
+    pub fn open() -> Result<Self> {
+        Self::open_path(DEV_IOMMU)
+    }
+
+    /// Opens an iommufd device node at `path` (for a non-standard `/dev`).
+    pub fn open_path(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let fd = rustix::fs::open(
+            path,
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Error::open(path, e))?;
+        Ok(Self::from_owned(fd))
+    }
+
+    /// Adopts an already-open iommufd, for example one passed by a management process over a UNIX
+    /// socket (QEMU's `-object iommufd,fd=N`).
+    ///
+    /// The fd is checked with a side-effect-free `IOMMU_OPTION` query; a file that is not an iommufd
+    /// gives [`Error::Unsupported`] (`ENOTTY`) and is closed.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self> {
+        let this = Self::from_owned(fd);
+        this.rlimit_mode()?;
+        Ok(this)
+    }
+
+    fn from_owned(fd: OwnedFd) -> Self {
+        Iommufd { inner: Arc::new(Inner { fd, bound: Mutex::new(Vec::new()) }) }
+    }
+
+    /// Converts into the underlying fd if no object of this iommufd is alive; otherwise returns `self`.
+    pub fn try_into_fd(self) -> std::result::Result<OwnedFd, Self> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => Ok(inner.fd),
+            Err(inner) => Err(Iommufd { inner }),
+        }
+    }
+
+    /// True if `self` and `other` are the same open iommufd.
+    pub fn same(&self, other: &Iommufd) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    pub(crate) fn check_same(&self, other: &Iommufd, op: &'static str) -> Result<()> {
+        if self.same(other) { Ok(()) } else { Err(Error::ForeignObject { op }) }
+    }
+
+    /// Allocates a new, empty I/O address space.
+    pub fn alloc_ioas(&self) -> Result<Ioas> {
+        Ioas::alloc(self)
+    }
+
+    fn option(&self, option_id: u32, op: u16, object_id: u32, val64: u64) -> Result<u64> {
+        let mut arg = sys::iommu_option::new();
+        arg.option_id = option_id;
+        arg.op = op;
+        arg.object_id = object_id;
+        arg.val64 = val64;
+        // SAFETY: `iommu_option` is IOMMU_OPTION's argument, sized by `new()`; it holds no pointers.
+        unsafe { ioctl::call(self.as_fd(), &ioctl::OPTION, &mut arg) }?;
+        Ok(arg.val64)
+    }
+
+    pub(crate) fn get_option(&self, option_id: u32, object_id: u32) -> Result<u64> {
+        self.option(option_id, sys::IOMMU_OPTION_OP_GET as u16, object_id, 0)
+    }
+
+    pub(crate) fn set_option(&self, option_id: u32, object_id: u32, value: u64) -> Result<()> {
+        self.option(option_id, sys::IOMMU_OPTION_OP_SET as u16, object_id, value).map(drop)
+    }
+
+    /// How this iommufd charges pinned pages against `RLIMIT_MEMLOCK`.
+    pub fn rlimit_mode(&self) -> Result<RlimitMode> {
+        match self.get_option(sys::IOMMU_OPTION_RLIMIT_MODE, 0)? {
+            0 => Ok(RlimitMode::PerUser),
+            1 => Ok(RlimitMode::PerProcess),
+            v => Err(Error::Protocol { op: "IOMMU_OPTION", detail: format!("unknown rlimit mode {v}") }),
+        }
+    }
+
+    /// Sets the rlimit accounting mode. Needs `CAP_SYS_RESOURCE`, and only works before any page is
+    /// pinned through this iommufd (`EBUSY` otherwise).
+    pub fn set_rlimit_mode(&self, mode: RlimitMode) -> Result<()> {
+        let v = match mode {
+            RlimitMode::PerUser => 0,
+            RlimitMode::PerProcess => 1,
+        };
+        self.set_option(sys::IOMMU_OPTION_RLIMIT_MODE, 0, v)
+    }
+
+    /// Destroys the kernel object `id` directly.
+    ///
+    /// This is a diagnostic escape hatch: the typed handles destroy their own objects. A destroy of an
+    /// id that no longer exists gives `ENOENT`, which is how tests prove nothing leaked.
+    ///
+    /// # Safety
+    ///
+    /// No live handle of this crate may own `id`: destroying an IOAS behind a [`Mapping`](crate::Mapping)
+    /// guard, for example, would make the guard's later unmap fail (it then leaks its memory rather
+    /// than freeing it) and would let a new object reuse the id under the guard.
+    pub unsafe fn destroy_raw(&self, id: u32) -> Result<()> {
+        ioctl::destroy(self.as_fd(), id)
+    }
+
+    pub(crate) fn register_bound(&self, name: &str) {
+        self.inner.bound.lock().unwrap_or_else(|e| e.into_inner()).push(name.to_string());
+    }
+
+    pub(crate) fn unregister_bound(&self, name: &str) {
+        let mut bound = self.inner.bound.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = bound.iter().position(|n| n == name) {
+            bound.swap_remove(i);
+        }
+    }
+
+    /// sysfs names (PCI addresses, `0000:00:03.0`) of the devices currently bound to this iommufd
+    /// through this crate.
+    pub fn bound_device_names(&self) -> Vec<String> {
+        self.inner.bound.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl AsFd for Iommufd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Iommufd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.fd.as_raw_fd()
+    }
+}
+
+impl FromRawFd for Iommufd {
+    /// Adopts `fd` without checking it; prefer [`Iommufd::from_fd`], which checks.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open iommufd owned by the caller, whose ownership moves to the new value.
+    unsafe fn from_raw_fd(fd: RawFd) -> Self {
+        // SAFETY: the caller transfers ownership of the open fd `fd` (this function's contract).
+        Self::from_owned(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+impl TryFrom<Iommufd> for OwnedFd {
+    type Error = Iommufd;
+
+    /// The fd, if no object of this iommufd is alive (see [`Iommufd::try_into_fd`]). The conversion is
+    /// fallible because live objects share the fd: handing it out would let it be closed under them.
+    fn try_from(value: Iommufd) -> std::result::Result<Self, Self::Error> {
+        value.try_into_fd()
+    }
+}

@@ -1,0 +1,53 @@
+//! A kernel object owned by a handle: destroyed exactly once, explicitly or on drop.
+
+use std::fmt;
+
+use crate::error::Result;
+use crate::ioctl;
+use crate::iommufd::Iommufd;
+use std::os::fd::AsFd;
+
+/// An iommufd object id with its owning iommufd. Destroys the object on drop (best effort, logged).
+pub(crate) struct Object {
+    iommufd: Iommufd,
+    id: u32,
+    kind: &'static str,
+    live: bool,
+}
+
+impl Object {
+    pub(crate) fn new(iommufd: &Iommufd, id: u32, kind: &'static str) -> Self {
+        Object { iommufd: iommufd.clone(), id, kind, live: true }
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub(crate) fn iommufd(&self) -> &Iommufd {
+        &self.iommufd
+    }
+
+    /// Destroys the object now, reporting failure. Either way the object is not destroyed again.
+    pub(crate) fn destroy(mut self) -> Result<()> {
+        self.live = false;
+        ioctl::destroy(self.iommufd.as_fd(), self.id)
+    }
+}
+
+impl Drop for Object {
+    fn drop(&mut self) {
+        if !self.live {
+            return;
+        }
+        if let Err(e) = ioctl::destroy(self.iommufd.as_fd(), self.id) {
+            log::error!("iommufd: failed to destroy {} {} on drop: {e}", self.kind, self.id);
+        }
+    }
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.id)
+    }
+}

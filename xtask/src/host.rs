@@ -1,0 +1,154 @@
+//! Host packages the VM test bed needs, installed into the system with `apt-get` when missing.
+//!
+//! Each task names the Debian packages it needs; those already installed (per `dpkg-query`) are left
+//! alone, the rest are installed with `apt-get install -y`, which needs root. The system's `/etc/apt` is
+//! never edited: packages from `bookworm-backports` are installed through a private copy of the system's
+//! sources plus a backports entry, with private package lists, all under the cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Result, cache_dir, run};
+
+/// A host package requirement: a Debian package, optionally from a given suite with a minimum version.
+pub struct Pkg {
+    pub name: &'static str,
+    /// When set, the package is installed with `-t <suite>` through the private sources.
+    pub suite: Option<&'static str>,
+    /// When set, an installed version that does not start with one of these prefixes is upgraded.
+    pub version_prefixes: &'static [&'static str],
+}
+
+impl Pkg {
+    pub const fn plain(name: &'static str) -> Self {
+        Pkg { name, suite: None, version_prefixes: &[] }
+    }
+}
+
+/// The installed version of `name`, if it is installed.
+pub fn installed_version(name: &str) -> Option<String> {
+    let out = Command::new("dpkg-query").args(["-W", "-f=${Status}\t${Version}", name]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, version) = text.split_once('\t')?;
+    (status.trim() == "install ok installed").then(|| version.trim().to_string())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn needs_install(p: &Pkg) -> bool {
+    match installed_version(p.name) {
+        None => true,
+        Some(v) => !p.version_prefixes.is_empty() && !p.version_prefixes.iter().any(|pre| v.starts_with(pre)),
+    }
+}
+
+/// Makes sure every package in `pkgs` is installed (as required), installing what is missing.
+pub fn ensure(what: &str, pkgs: &[Pkg]) -> Result<()> {
+    let missing: Vec<&Pkg> = pkgs.iter().filter(|p| needs_install(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let describe = |p: &&Pkg| match p.suite {
+        Some(s) => format!("{} (from {s})", p.name),
+        None => p.name.to_string(),
+    };
+    let names: Vec<String> = missing.iter().map(describe).collect();
+    if !is_root() {
+        return Err(format!(
+            "{what} needs these host packages, which are missing and can only be installed as root: {}\n\
+             (run as root, or install them yourself)",
+            names.join(", ")
+        )
+        .into());
+    }
+    eprintln!("host: installing packages for {what}: {}", names.join(", "));
+
+    let plain: Vec<&str> = missing.iter().filter(|p| p.suite.is_none()).map(|p| p.name).collect();
+    if !plain.is_empty() {
+        system_update()?;
+        run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&plain))?;
+    }
+    let mut suites: Vec<&str> = missing.iter().filter_map(|p| p.suite).collect();
+    suites.dedup();
+    for suite in suites {
+        let names: Vec<&str> = missing.iter().filter(|p| p.suite == Some(suite)).map(|p| p.name).collect();
+        let opts = private_sources(suite)?;
+        run(apt_get().args(&opts).arg("update"))?;
+        run(apt_get()
+            .args(&opts)
+            .args(["install", "-y", "--no-install-recommends", "-t", suite])
+            .args(&names))?;
+    }
+    for p in &missing {
+        if needs_install(p) {
+            return Err(format!("{} is still not installed as required after apt-get install", p.name).into());
+        }
+        eprintln!("host: {} {} installed", p.name, installed_version(p.name).unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive").arg("-q");
+    cmd
+}
+
+/// `apt-get update` of the system's own lists, once per xtask run.
+fn system_update() -> Result<()> {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    DONE.call_once(|| result = run(apt_get().arg("update")));
+    result
+}
+
+/// Writes a private apt configuration: the system's sources plus `suite`, with lists under the cache.
+/// Returns the `-o` options that select it.
+fn private_sources(suite: &str) -> Result<Vec<String>> {
+    let root = cache_dir().join("apt-host");
+    let parts = root.join("sources.list.d");
+    if parts.exists() {
+        std::fs::remove_dir_all(&parts)?;
+    }
+    for d in [parts.as_path(), &root.join("lists/partial")] {
+        std::fs::create_dir_all(d)?;
+    }
+    copy_sources(Path::new("/etc/apt/sources.list.d"), &parts)?;
+    let list = root.join("sources.list");
+    let system_list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    std::fs::write(&list, system_list)?;
+    std::fs::write(
+        parts.join(format!("xtask-{suite}.sources")),
+        format!(
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+    )?;
+    Ok(vec![
+        format!("-oDir::Etc::SourceList={}", list.display()),
+        format!("-oDir::Etc::SourceParts={}", parts.display()),
+        format!("-oDir::State::Lists={}", root.join("lists").display()),
+    ])
+}
+
+fn copy_sources(from: &Path, to: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(from) else { return Ok(()) };
+    for entry in entries {
+        let path: PathBuf = entry?.path();
+        let keep = path.extension().is_some_and(|e| e == "list" || e == "sources");
+        if keep && let Some(name) = path.file_name() {
+            std::fs::copy(&path, to.join(name))?;
+        }
+    }
+    Ok(())
+}

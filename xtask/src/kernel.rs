@@ -1,0 +1,280 @@
+//! `cargo xtask kernel`: the test VM's kernel, built from Debian's `linux-source` at a pinned version.
+//!
+//! Config: `make allnoconfig`, merge the committed fragment `xtask/kernel.config`
+//! (`scripts/kconfig/merge_config.sh -m`), `make olddefconfig`, then check that every line of the fragment
+//! holds in the final `.config`. The bzImage is cached under `<cache>/kernel/` keyed by the source version
+//! and a hash of the fragment, so a second run returns at once.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::apt::Apt;
+use crate::host::{self, Pkg};
+use crate::{Result, cache_dir, run, workspace_root};
+
+/// Debian package holding the kernel source tarball, and its pinned version.
+pub const SOURCE_PACKAGE: &str = "linux-source-7.3";
+pub const SOURCE_VERSION: &str = "7.3.4-1~bpo13+1";
+
+/// Host packages needed to unpack and build the kernel.
+const BUILD_DEPS: &[Pkg] = &[
+    Pkg::plain("build-essential"),
+    Pkg::plain("bc"),
+    Pkg::plain("flex"),
+    Pkg::plain("bison"),
+    Pkg::plain("libelf-dev"),
+    Pkg::plain("libssl-dev"),
+    Pkg::plain("xz-utils"),
+];
+
+pub fn fragment_path() -> PathBuf {
+    workspace_root().join("xtask/kernel.config")
+}
+
+/// FNV-1a, 64 bit: a stable hash for cache keys (std's hashers are not stable across releases).
+pub fn fnv64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Where the bzImage for the current fragment is (or will be) cached.
+fn cached_image(fragment: &str) -> PathBuf {
+    let key = format!("{SOURCE_VERSION}-{:016x}", fnv64(fragment.as_bytes()));
+    cache_dir().join("kernel").join(format!("bzImage-{key}"))
+}
+
+/// `cargo xtask kernel`.
+pub fn kernel() -> Result<()> {
+    let image = ensure_kernel()?;
+    println!("{}", image.display());
+    Ok(())
+}
+
+/// Returns the path of the test kernel's bzImage, building it first if it is not cached.
+pub fn ensure_kernel() -> Result<PathBuf> {
+    let fragment_file = fragment_path();
+    let fragment = std::fs::read_to_string(&fragment_file)
+        .map_err(|e| format!("reading {}: {e}", fragment_file.display()))?;
+    let image = cached_image(&fragment);
+    if image.exists() {
+        eprintln!("kernel: cached {}", image.display());
+        return Ok(image);
+    }
+    let wanted = parse_fragment(&fragment)?;
+    host::ensure("cargo xtask kernel", BUILD_DEPS)?;
+    let src = source_tree()?;
+    let build = cache_dir().join("kernel/build");
+    std::fs::create_dir_all(&build)?;
+    let started = Instant::now();
+
+    eprintln!("kernel: configuring (allnoconfig + {} + olddefconfig)", fragment_file.display());
+    let log_path = cache_dir().join("kernel/config.log");
+    let config = build.join(".config");
+    make(&src, &build, &["allnoconfig"], &log_path)?;
+    let merge = Command::new("sh")
+        .current_dir(&src)
+        .arg("scripts/kconfig/merge_config.sh")
+        .args(["-m", "-O"])
+        .arg(&build)
+        .arg(&config)
+        .arg(&fragment_file)
+        .output()?;
+    if !merge.status.success() {
+        return Err(format!(
+            "merge_config.sh failed: {}\n{}{}",
+            merge.status,
+            String::from_utf8_lossy(&merge.stdout),
+            String::from_utf8_lossy(&merge.stderr)
+        )
+        .into());
+    }
+    make(&src, &build, &["olddefconfig"], &log_path)?;
+    verify_config(&wanted, &std::fs::read_to_string(&config)?)?;
+    eprintln!("kernel: all {} fragment options hold in {}", wanted.len(), config.display());
+
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let log_path = cache_dir().join("kernel/build.log");
+    eprintln!("kernel: building bzImage with -j{jobs} (full log: {})", log_path.display());
+    build_logged(&src, &build, jobs, &log_path)?;
+
+    let built = build.join("arch/x86/boot/bzImage");
+    let tmp = image.with_extension("tmp");
+    std::fs::copy(&built, &tmp)?;
+    std::fs::copy(&config, image.with_file_name(format!("config-{}", file_key(&image))))?;
+    std::fs::rename(&tmp, &image)?;
+    let size = std::fs::metadata(&image)?.len();
+    eprintln!(
+        "kernel: built in {:.0?} ({:.1} MiB): {}",
+        started.elapsed(),
+        size as f64 / (1 << 20) as f64,
+        image.display()
+    );
+    Ok(image)
+}
+
+fn file_key(image: &Path) -> String {
+    let name = image.file_name().unwrap_or_default().to_string_lossy();
+    name.trim_start_matches("bzImage-").to_string()
+}
+
+/// Unpacks the pinned kernel source (once) and returns its top directory.
+fn source_tree() -> Result<PathBuf> {
+    let root = cache_dir().join(format!("kernel/src-{SOURCE_VERSION}"));
+    let stamp = root.join(".extracted");
+    let top = root.join(SOURCE_PACKAGE);
+    if stamp.exists() {
+        return Ok(top);
+    }
+    let deb_dir =
+        Apt::new()?.unpack(SOURCE_PACKAGE, SOURCE_VERSION, &format!("kernel/deb-{SOURCE_VERSION}"))?;
+    let tarball = deb_dir.join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    std::fs::create_dir_all(&root)?;
+    eprintln!("kernel: extracting {}", tarball.display());
+    let t = Instant::now();
+    run(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(&root))?;
+    if !top.join("Makefile").exists() {
+        return Err(format!("{} has no {SOURCE_PACKAGE}/Makefile", tarball.display()).into());
+    }
+    std::fs::write(&stamp, format!("{SOURCE_PACKAGE} {SOURCE_VERSION}\n"))?;
+    // The tarball is no longer needed once extracted; keep the .deb in the apt cache.
+    std::fs::remove_dir_all(&deb_dir)?;
+    eprintln!("kernel: extracted in {:.0?}", t.elapsed());
+    Ok(top)
+}
+
+fn make_cmd(src: &Path, build: &Path) -> Command {
+    let mut cmd = Command::new("make");
+    cmd.current_dir(src).arg(format!("O={}", build.display()));
+    cmd
+}
+
+/// Runs a short make target with its output captured into `log`; fails with the output.
+fn make(src: &Path, build: &Path, args: &[&str], log: &Path) -> Result<()> {
+    let out = make_cmd(src, build).args(args).output()?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    f.write_all(&out.stdout)?;
+    f.write_all(&out.stderr)?;
+    if !out.status.success() {
+        return Err(format!(
+            "make {} failed: {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// What the fragment asks for: option name -> value (`None` for "is not set").
+fn parse_fragment(text: &str) -> Result<BTreeMap<String, Option<String>>> {
+    let mut wanted = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("# CONFIG_") {
+            if let Some(name) = rest.strip_suffix(" is not set") {
+                wanted.insert(format!("CONFIG_{name}"), None);
+            }
+        } else if line.starts_with("CONFIG_") {
+            let (name, value) = line.split_once('=').ok_or_else(|| format!("bad fragment line: {line}"))?;
+            wanted.insert(name.to_string(), Some(value.to_string()));
+        } else if !line.is_empty() && !line.starts_with('#') {
+            return Err(format!("bad fragment line: {line}").into());
+        }
+    }
+    Ok(wanted)
+}
+
+/// Fails listing every fragment option that the final `.config` does not have as requested.
+fn verify_config(wanted: &BTreeMap<String, Option<String>>, config: &str) -> Result<()> {
+    let mut have: BTreeMap<&str, &str> = BTreeMap::new();
+    for line in config.lines() {
+        if line.starts_with("CONFIG_")
+            && let Some((name, value)) = line.split_once('=')
+        {
+            have.insert(name, value);
+        }
+    }
+    let mut bad = Vec::new();
+    for (name, want) in wanted {
+        let got = have.get(name.as_str()).copied();
+        let ok = match want {
+            Some(v) => got == Some(v.as_str()),
+            None => got.is_none() || got == Some("n"),
+        };
+        if !ok {
+            let want = want.as_deref().unwrap_or("not set");
+            bad.push(format!("  {name}: wanted {want}, got {}", got.unwrap_or("not set")));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} fragment option(s) did not end up as requested (unmet dependencies?):\n{}",
+            bad.len(),
+            bad.join("\n")
+        )
+        .into())
+    }
+}
+
+/// `make bzImage`, full output to `log`, a progress line on the terminal every 15 s.
+fn build_logged(src: &Path, build: &Path, jobs: usize, log_path: &Path) -> Result<()> {
+    let (reader, writer) = std::io::pipe()?;
+    let mut cmd = make_cmd(src, build);
+    cmd.arg(format!("-j{jobs}"))
+        .arg("bzImage")
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer);
+    let mut child = cmd.spawn().map_err(|e| format!("make: {e}"))?;
+    drop(cmd); // closes our copies of the pipe's write end, so the reader sees EOF when make exits
+    let mut log = std::io::BufWriter::new(std::fs::File::create(log_path)?);
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let (mut compiled, mut linked) = (0usize, 0usize);
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    for line in BufReader::new(reader).lines() {
+        let line = line?;
+        writeln!(log, "{line}")?;
+        let step = line.split_whitespace().next().unwrap_or("");
+        match step {
+            "CC" | "AS" => compiled += 1,
+            "LD" | "AR" | "OBJCOPY" => linked += 1,
+            _ => {}
+        }
+        if line.contains("vmlinux") && step == "LD" || line.contains("bzImage") && step == "BUILD" {
+            eprintln!("kernel: [{:>4}s] {}", started.elapsed().as_secs(), line.trim());
+        }
+        if last.elapsed() >= Duration::from_secs(15) {
+            eprintln!(
+                "kernel: [{:>4}s] still building: {compiled} compiled, {linked} linked",
+                started.elapsed().as_secs()
+            );
+            last = Instant::now();
+        }
+        if tail.len() == 40 {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    log.flush()?;
+    let status = child.wait()?;
+    if !status.success() {
+        let tail: Vec<String> = tail.into_iter().collect();
+        return Err(format!(
+            "make bzImage failed ({status}); last lines of {}:\n{}",
+            log_path.display(),
+            tail.join("\n")
+        )
+        .into());
+    }
+    eprintln!("kernel: make finished in {:.0?}: {compiled} compiled, {linked} linked", started.elapsed());
+    Ok(())
+}
