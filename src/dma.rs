@@ -90,7 +90,23 @@ impl Drop for Region {
 /// While the caller holds it, no device can reach it, so it can be read and written as a slice.
 /// Mapping it moves it into a [`Mapping`]; unmapping gives it back.
 ///
-/// ```compile_fail
+/// Safe code cannot reach the bytes while the buffer is mapped. Each of these fails to compile
+/// (the error codes are checked), while the same code without the offending line compiles:
+///
+/// ```
+/// # use iommufd::{DmaBuffer, Ioas, Iova, Access};
+/// # fn f(ioas: &Ioas) -> iommufd::Result<()> {
+/// let mut buf = DmaBuffer::new(4096)?;
+/// buf.as_mut_slice()[0] = 1; // fine: not mapped yet
+/// let mapping = ioas.map(buf, Iova::Auto, Access::READ_WRITE)?;
+/// mapping.write_at(0, &[2])?; // the one way in while mapped: a volatile copy
+/// let buf = mapping.unmap()?.expect("no copy shares it"); // unmapped: the buffer comes back
+/// assert_eq!(buf.as_slice()[0], 2);
+/// # Ok(()) }
+/// ```
+///
+/// Mutably borrowing it while mapped:
+/// ```compile_fail,E0382
 /// # use iommufd::{DmaBuffer, Ioas, Iova, Access};
 /// # fn f(ioas: &Ioas) -> iommufd::Result<()> {
 /// let mut buf = DmaBuffer::new(4096)?;
@@ -99,13 +115,33 @@ impl Drop for Region {
 /// # Ok(()) }
 /// ```
 ///
-/// ```compile_fail
+/// Dropping (freeing) it while mapped:
+/// ```compile_fail,E0382
 /// # use iommufd::{DmaBuffer, Ioas, Iova, Access};
 /// # fn f(ioas: &Ioas) -> iommufd::Result<()> {
 /// let buf = DmaBuffer::new(4096)?;
-/// let slice = &buf.as_slice()[..];
+/// let mapping = ioas.map(buf, Iova::Auto, Access::READ_WRITE)?;
+/// drop(buf); // error: use of moved value
+/// # Ok(()) }
+/// ```
+///
+/// Keeping a borrow across the map:
+/// ```compile_fail,E0505
+/// # use iommufd::{DmaBuffer, Ioas, Iova, Access};
+/// # fn f(ioas: &Ioas) -> iommufd::Result<()> {
+/// let buf = DmaBuffer::new(4096)?;
+/// let slice = buf.as_slice();
 /// let mapping = ioas.map(buf, Iova::Auto, Access::READ_WRITE)?; // error: `buf` is borrowed
 /// println!("{}", slice[0]);
+/// # Ok(()) }
+/// ```
+///
+/// Moving it out of the mapping (there is no field or method that yields it while mapped):
+/// ```compile_fail,E0616
+/// # use iommufd::{DmaBuffer, Ioas, Iova, Access};
+/// # fn f(ioas: &Ioas) -> iommufd::Result<()> {
+/// let mapping = ioas.map(DmaBuffer::new(4096)?, Iova::Auto, Access::READ_WRITE)?;
+/// let stolen = mapping.held; // error: field `held` is private
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]

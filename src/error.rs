@@ -126,7 +126,7 @@ impl Error {
     pub(crate) fn open(path: impl Into<PathBuf>, errno: Errno) -> Error {
         let path = path.into();
         let hint = match errno {
-            Errno::NOENT if path.as_os_str() == crate::iommufd::DEV_IOMMU => {
+            Errno::NOENT if path.file_name().is_some_and(|n| n == "iommu") => {
                 Some("the running kernel lacks CONFIG_IOMMUFD, or devtmpfs is not mounted on /dev")
             }
             Errno::NOENT if path.starts_with("/dev/vfio/devices") => Some(

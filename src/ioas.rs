@@ -173,6 +173,18 @@ impl Ioas {
         })
     }
 
+    /// An IOAS handle for an id the kernel never allocated, for validation tests.
+    #[cfg(test)]
+    pub(crate) fn fake(iommufd: &Iommufd, id: u32) -> Ioas {
+        Ioas {
+            inner: Arc::new(IoasInner {
+                obj: Object::new(iommufd, id, "IOAS"),
+                owned: Mutex::new(BTreeMap::new()),
+                alignment: AtomicU64::new(0),
+            }),
+        }
+    }
+
     /// The kernel's id for this IOAS (what `VFIO_DEVICE_ATTACH_IOMMUFD_PT` takes as `pt_id`).
     pub fn id(&self) -> u32 {
         self.inner.id()
@@ -274,7 +286,7 @@ impl Ioas {
         Ok(())
     }
 
-    fn guard<M: Memory>(&self, iova: u64, len: u64, access: Access, held: M::Held) -> Mapping<M> {
+    pub(crate) fn guard<M: Memory>(&self, iova: u64, len: u64, access: Access, held: M::Held) -> Mapping<M> {
         let range = IovaRange::from_len(iova, len).expect("validated before the ioctl");
         self.inner.owned().insert(range.start, range.last);
         Mapping { ioas: self.inner.clone(), iova, len, access, held: Some(held) }

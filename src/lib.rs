@@ -1,6 +1,77 @@
 //! Safe, device-centric Rust API for the Linux IOMMU user API (`/dev/iommu`) and VFIO device cdevs.
+//!
+//! ```no_run
+//! use iommufd::{Access, DmaBuffer, Iommufd, Iova, VfioDevice};
+//!
+//! # fn main() -> iommufd::Result<()> {
+//! let iommufd = Iommufd::open()?;
+//! let device = VfioDevice::open_pci("0000:00:03.0")?.bind(&iommufd)?;
+//! let ioas = iommufd.alloc_ioas()?;
+//! let _attachment = device.attach(&ioas)?;
+//!
+//! let mut buffer = DmaBuffer::new(4096)?;
+//! buffer.as_mut_slice()[..5].copy_from_slice(b"hello");
+//! let mapping = ioas.map(buffer, Iova::Fixed(0x10_0000), Access::READ_WRITE)?;
+//! // ... program the device to DMA at mapping.iova() ...
+//! let mut out = [0u8; 5];
+//! mapping.read_at(0, &mut out)?;
+//! let buffer = mapping.unmap()?.expect("not shared");
+//! # drop(buffer);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Design: the device is the unit
+//!
+//! A [`VfioDevice`] is opened by cdev path, PCI address or fd, then [bound](VfioDevice::bind) to an
+//! [`Iommufd`]. The code that owns the device decides everything about its DMA: which [`Ioas`] or
+//! [`Hwpt`] it is [attached](BoundDevice::attach) to, which flags that page table has (nest parent,
+//! dirty tracking, PASID), and which PASIDs are attached where. The IOMMU group is not a handle: it is
+//! reported as an isolation fact by [`BoundDevice::group`] (its number, the other devices in it, and
+//! whether they are bound to this iommufd).
+//!
+//! # Object graph and teardown
+//!
+//! Every handle holds what it depends on through an `Arc`, so handles are `'static`, cheap to clone
+//! and can be stored in a VMM's long-lived structures:
+//!
+//! ```text
+//! Iommufd <- Ioas <- Mapping          (a mapping keeps its IOAS)
+//!            Ioas <- Hwpt              (a paging HWPT keeps its IOAS)
+//! Iommufd <- BoundDevice <- Attachment -> Ioas | Hwpt
+//! ```
+//!
+//! Teardown follows from the references: an attachment detaches before it lets go of its page table,
+//! so the kernel never sees an attached IOAS or HWPT destroyed; an IOAS is destroyed only after its
+//! last mapping, HWPT and attachment. Each handle also has an explicit, fallible close
+//! ([`Mapping::unmap`], [`Attachment::detach`], [`Hwpt::destroy`], [`Ioas::destroy`],
+//! [`BoundDevice::close`]); `Drop` does the same best-effort, never panics, and logs failures through
+//! the `log` crate.
+//!
+//! # Soundness model
+//!
+//! Mapping memory into an IOAS lets a device write it at any time. The safe API guarantees that no
+//! memory reachable by a device is freed, reused or aliased by a Rust reference:
+//!
+//! - [`Ioas::map`] takes a [`DmaBuffer`] **by value**. While mapped, its bytes are reached only by
+//!   volatile copies ([`Mapping::read_at`], [`Mapping::write_at`]); it comes back from
+//!   [`Mapping::unmap`] only after the kernel confirms the range is gone. A failed unmap or a
+//!   `mem::forget` leaks the memory instead of freeing it. `IOMMU_IOAS_COPY` mappings share the
+//!   buffer, which returns only when the last copy is unmapped.
+//! - [`Ioas::map_file`] is safe because the kernel pins the file's pages itself.
+//! - [`Ioas::map_user`] (raw virtual addresses, such as guest RAM) is `unsafe` with a precise contract.
+//! - Ranges owned by guards cannot be removed behind them: [`Ioas::unmap_range`] and
+//!   [`Ioas::unmap_all`] refuse to touch them.
+//!
+//! # Errors
+//!
+//! One [`Error`] type. Kernel failures carry the operation and errno, plus a hint where the errno has a
+//! well-known cause. `ENOTTY` becomes [`Error::Unsupported`] naming the kernel release that introduced
+//! the ioctl. Bad arguments are rejected with [`Error::InvalidArgument`] or [`Error::ForeignObject`]
+//! before any ioctl is issued.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("iommufd binds a Linux kernel interface and builds only for Linux targets");
@@ -13,6 +84,8 @@ mod ioas;
 mod ioctl;
 mod iommufd;
 mod object;
+#[cfg(test)]
+mod tests;
 
 pub use device::*;
 pub use dma::{DmaBuffer, FileMemory, Memory, UserMemory, page_size};

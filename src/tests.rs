@@ -1,0 +1,231 @@
+//! Unit tests that need no `/dev/iommu`: error mapping on a real fd, and validation that must reject
+//! bad input before any ioctl.
+//!
+//! The validation tests run against an iommufd handle backed by `/dev/null`. Every ioctl on it fails
+//! with `ENOTTY`, so a check that wrongly let the call through shows up as `Error::Unsupported`
+//! instead of the expected `Error::InvalidArgument`.
+
+use std::os::fd::OwnedFd;
+
+use crate::ioas::IovaRange;
+use crate::*;
+
+fn dev_null() -> OwnedFd {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap().into()
+}
+
+/// An iommufd handle whose fd is `/dev/null`, and an IOAS handle with a made-up id on it.
+fn fake() -> (Iommufd, Ioas) {
+    // SAFETY: the fd is freshly opened and owned; it is not an iommufd, which is the point: any
+    // ioctl that gets through fails with ENOTTY.
+    let fd = unsafe {
+        <Iommufd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(dev_null()))
+    };
+    let ioas = Ioas::fake(&fd, 7);
+    (fd, ioas)
+}
+
+fn assert_invalid<T: std::fmt::Debug>(r: Result<T>, op: &str, needle: &str) {
+    match r {
+        Err(Error::InvalidArgument { op: o, reason }) => {
+            assert_eq!(o, op);
+            assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?}");
+        }
+        other => panic!("expected InvalidArgument({op}: ..{needle}..), got {other:?}"),
+    }
+}
+
+#[test]
+fn ioctl_on_a_non_iommufd_is_unsupported_with_the_kernel_version() {
+    let e = Iommufd::from_fd(dev_null()).unwrap_err();
+    match &e {
+        Error::Unsupported { op, since } => {
+            assert_eq!(*op, "IOMMU_OPTION");
+            assert_eq!(*since, "6.2");
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    assert_eq!(e.errno(), Some(Errno::NOTTY));
+    assert!(e.is_unsupported());
+    assert_eq!(
+        e.to_string(),
+        "IOMMU_OPTION is not supported by the running kernel (it needs Linux 6.2 or newer)"
+    );
+}
+
+#[test]
+fn every_op_names_its_ioctl_and_kernel() {
+    for op in crate::ioctl::ALL {
+        assert!(op.name.starts_with("IOMMU_") || op.name.starts_with("VFIO_"), "{}", op.name);
+        let (major, minor) = op.since.split_once('.').expect("since is MAJOR.MINOR");
+        assert!(major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok(), "{}", op.since);
+        match crate::ioctl::error(op, Errno::NOTTY) {
+            Error::Unsupported { op: name, since } => assert_eq!((name, since), (op.name, op.since)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(crate::ioctl::ALL.iter().filter(|o| o.name.starts_with("IOMMU_")).count(), 22);
+}
+
+#[test]
+fn errno_display_and_hint_appear_once() {
+    let e = crate::ioctl::error(&crate::ioctl::IOAS_MAP, Errno::NOMEM);
+    let s = e.to_string();
+    assert!(s.starts_with("IOMMU_IOAS_MAP failed: "), "{s}");
+    assert!(s.contains("RLIMIT_MEMLOCK"), "{s}");
+    // The errno's text appears once: Display prints it and there is no source() repeating it.
+    assert!(std::error::Error::source(&e).is_none());
+    assert_eq!(e.errno(), Some(Errno::NOMEM));
+    assert!(!e.is_unsupported());
+    let e = crate::ioctl::error(&crate::ioctl::HWPT_ALLOC, Errno::OPNOTSUPP);
+    assert!(e.is_unsupported());
+    assert!(crate::ioctl::error(&crate::ioctl::DESTROY, Errno::BUSY).is_retryable());
+}
+
+#[test]
+fn missing_iommu_node_hints_at_config_iommufd() {
+    let dir = std::env::temp_dir().join(format!("iommufd-test-{}", std::process::id()));
+    let e = Iommufd::open_path(dir.join("iommu")).unwrap_err();
+    match &e {
+        Error::Open { errno, hint, .. } => {
+            assert_eq!(*errno, Errno::NOENT);
+            assert!(hint.unwrap().contains("CONFIG_IOMMUFD"), "{hint:?}");
+        }
+        other => panic!("expected Open, got {other:?}"),
+    }
+    assert!(e.to_string().contains("CONFIG_IOMMUFD"));
+    let e = VfioDevice::open(dir.join("vfio-devices-vfio9")).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::NOENT));
+}
+
+#[test]
+fn dma_buffer_validation_and_rounding() {
+    assert_invalid(DmaBuffer::new(0), "DmaBuffer::new", "zero");
+    assert_invalid(DmaBuffer::new(usize::MAX), "DmaBuffer::new", "overflows");
+    let mut b = DmaBuffer::new(100).unwrap();
+    assert_eq!(b.len(), page_size());
+    assert!(b.as_slice().iter().all(|&x| x == 0));
+    b.as_mut_slice()[99] = 0xa5;
+    assert_eq!(b.as_slice()[99], 0xa5);
+    assert_eq!(b.as_slice().as_ptr() as usize % page_size(), 0);
+}
+
+#[test]
+fn map_validation_table() {
+    let (_fd, ioas) = fake();
+    let page = page_size() as u64;
+    let mem = std::fs::File::open("/dev/null").unwrap();
+    let cases: Vec<(Result<Mapping<FileMemory>>, &str, &str)> = vec![
+        (ioas.map_file(&mem, 0, 0, Iova::Auto, Access::READ), "IOMMU_IOAS_MAP_FILE", "length is zero"),
+        (ioas.map_file(&mem, 1, page, Iova::Auto, Access::READ), "IOMMU_IOAS_MAP_FILE", "not page-aligned"),
+        (
+            ioas.map_file(&mem, u64::MAX - page + 1, page * 2, Iova::Auto, Access::READ),
+            "IOMMU_IOAS_MAP_FILE",
+            "overflows",
+        ),
+        (
+            ioas.map_file(&mem, 0, page, Iova::Fixed(page + 1), Access::READ),
+            "IOMMU_IOAS_MAP_FILE",
+            "alignment",
+        ),
+        (
+            ioas.map_file(&mem, 0, page + 1, Iova::Fixed(page), Access::READ),
+            "IOMMU_IOAS_MAP_FILE",
+            "alignment",
+        ),
+        (
+            ioas.map_file(&mem, 0, page * 2, Iova::Fixed(u64::MAX - page + 1), Access::READ),
+            "IOMMU_IOAS_MAP_FILE",
+            "overflows",
+        ),
+        (ioas.map_file(&mem, 0, page, Iova::Auto, Access::empty()), "IOMMU_IOAS_MAP_FILE", "access is empty"),
+    ];
+    for (i, (r, op, needle)) in cases.into_iter().enumerate() {
+        eprintln!("case {i}");
+        assert_invalid(r, op, needle);
+    }
+    let buf = DmaBuffer::new(1).unwrap();
+    assert_invalid(ioas.map(buf, Iova::Fixed(3), Access::READ), "IOMMU_IOAS_MAP", "alignment");
+    let mut v = vec![0u8; 2 * page as usize];
+    let unaligned = v
+        .as_mut_ptr()
+        .wrapping_add(1 + (page as usize - v.as_ptr() as usize % page as usize) % page as usize);
+    // SAFETY: the call is rejected before any ioctl (the address is not page-aligned), so the memory
+    // is never mapped.
+    let r = unsafe { ioas.map_user(unaligned, page as usize, Iova::Auto, Access::READ) };
+    assert_invalid(r, "IOMMU_IOAS_MAP", "not page-aligned");
+}
+
+#[test]
+fn unmap_and_allow_validation() {
+    let (_fd, ioas) = fake();
+    let page = page_size() as u64;
+    assert_invalid(ioas.unmap_range(0, 0), "IOMMU_IOAS_UNMAP", "length is zero");
+    assert_invalid(ioas.unmap_range(page, 1), "IOMMU_IOAS_UNMAP", "alignment");
+    assert_invalid(ioas.unmap_range(u64::MAX - page + 1, 2 * page), "IOMMU_IOAS_UNMAP", "overflows");
+    assert_invalid(
+        ioas.allow_iovas(&[IovaRange { start: 2 * page, last: page }]),
+        "IOMMU_IOAS_ALLOW_IOVAS",
+        "start",
+    );
+    // A well-formed request does reach the kernel (here /dev/null, hence ENOTTY): proof the checks
+    // above are what stopped the others.
+    assert!(matches!(ioas.unmap_range(0, page), Err(Error::Unsupported { op: "IOMMU_IOAS_UNMAP", .. })));
+}
+
+#[test]
+fn owned_ranges_are_protected_from_unmap_range_and_unmap_all() {
+    let (_fd, ioas) = fake();
+    let page = page_size() as u64;
+    // A guard as a successful map would have produced (the kernel never saw it).
+    let guard = ioas.guard::<UserMemory>(0x10_0000, 4 * page, Access::READ, ());
+    assert_invalid(ioas.unmap_range(0x10_0000 + page, page), "IOMMU_IOAS_UNMAP", "live mapping");
+    assert_invalid(ioas.unmap_all(), "IOMMU_IOAS_UNMAP", "guard");
+    let mem = std::fs::File::open("/dev/null").unwrap();
+    assert_invalid(
+        ioas.map_file(&mem, 0, page, Iova::Fixed(0x10_0000 + 3 * page), Access::READ),
+        "IOMMU_IOAS_MAP_FILE",
+        "overlaps",
+    );
+    // Adjacent ranges are fine (they reach the fake kernel).
+    assert!(matches!(ioas.unmap_range(0x10_0000 + 4 * page, page), Err(Error::Unsupported { .. })));
+    // The guard's unmap fails (ENOTTY): reported, and its memory would be leaked, not freed.
+    assert!(matches!(guard.unmap(), Err(Error::Unsupported { .. })));
+}
+
+#[test]
+fn objects_of_another_iommufd_are_refused_before_any_ioctl() {
+    let (_a, ioas_a) = fake();
+    let (_b, ioas_b) = fake();
+    let guard = ioas_a.guard::<UserMemory>(0, page_size() as u64, Access::READ, ());
+    match ioas_b.copy(&guard, Iova::Auto, Access::READ) {
+        Err(Error::ForeignObject { op }) => assert_eq!(op, "IOMMU_IOAS_COPY"),
+        other => panic!("expected ForeignObject, got {other:?}"),
+    }
+    std::mem::forget(guard);
+}
+
+#[test]
+fn explicit_destroy_refuses_while_referenced() {
+    let (_fd, ioas) = fake();
+    let clone = ioas.clone();
+    match ioas.destroy() {
+        Err(Error::InUse { users, .. }) => assert_eq!(users, 1),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    // The last handle reaches the (fake) kernel.
+    assert!(matches!(clone.destroy(), Err(Error::Unsupported { op: "IOMMU_DESTROY", .. })));
+}
+
+#[test]
+fn iova_range_arithmetic() {
+    assert_eq!(IovaRange::from_len(0, 0), None);
+    assert_eq!(IovaRange::from_len(u64::MAX, 2), None);
+    let r = IovaRange::from_len(0x1000, 0x2000).unwrap();
+    assert_eq!(r, IovaRange { start: 0x1000, last: 0x2fff });
+    assert_eq!(r.len(), 0x2000);
+    assert!(r.overlaps(&IovaRange { start: 0x2fff, last: 0x3000 }));
+    assert!(!r.overlaps(&IovaRange { start: 0x3000, last: 0x3fff }));
+    assert!(r.contains(&IovaRange { start: 0x1000, last: 0x1fff }));
+    assert_eq!(IovaRange { start: 0, last: u64::MAX }.len(), u64::MAX);
+}
