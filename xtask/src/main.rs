@@ -38,8 +38,23 @@ usage: cargo xtask <task>
   vm-test [--iommu intel|virtio] [--timeout SECS] [-- ARGS]
               run tests/*.rs (and examples/edu_dma) inside QEMU VMs booting that kernel, under intel-iommu
               then virtio-iommu (or just the one named); ARGS go to every test binary
+  test [--host-only]
+              every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
+              /dev/iommu are ignored there), then the VM suite (vm-test)
   vm-demo     boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
 ";
+
+/// `cargo xtask test`: the project's one test command.
+fn test(args: &[String]) -> Result<()> {
+    let host_only = args.iter().any(|a| a == "--host-only");
+    eprintln!("== host tests (cargo test --workspace)");
+    run(Command::new(env!("CARGO")).current_dir(workspace_root()).args(["test", "--workspace", "--locked"]))?;
+    if host_only {
+        return Ok(());
+    }
+    eprintln!("== VM tests");
+    vm::vm_test(&[])
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -49,6 +64,7 @@ fn main() {
         Some("kernel") => kernel::kernel(),
         Some("vm-test") => vm::vm_test(&args[1..]),
         Some("vm-demo") => vm::vm_demo(&args[1..]),
+        Some("test") => test(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             std::process::exit(2);

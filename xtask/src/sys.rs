@@ -205,6 +205,11 @@ fn c_oracle(include: &Path, consts: &BTreeMap<String, u64>, ioctls: &[String]) -
 }
 
 fn generate_checked() -> Result<String> {
+    // bindgen loads libclang at run time; the C oracle needs a C compiler.
+    crate::host::ensure(
+        "the bindings generator",
+        &[crate::host::Pkg::plain("libclang-dev"), crate::host::Pkg::plain("gcc")],
+    )?;
     let include = headers()?;
     let src = generate(&include)?;
     let ioctls = ioctl_macros(&include)?;
