@@ -559,6 +559,17 @@ impl<M: Memory> Mapping<M> {
     }
 }
 
+impl<M: Memory> Mapping<M> {
+    /// Gives up the guard and leaves the range mapped: the memory it holds is leaked (never freed,
+    /// since a device may still reach it), and the range becomes an ordinary kernel mapping that
+    /// [`Ioas::unmap_range`] and [`Ioas::unmap_all`] may remove. Returns the range.
+    pub fn leak(mut self) -> IovaRange {
+        std::mem::forget(self.held.take());
+        self.ioas.owned().remove(&self.iova);
+        self.range()
+    }
+}
+
 impl Mapping<DmaBuffer> {
     fn region(&self) -> &Region {
         self.held.as_ref().expect("a live mapping holds its memory")

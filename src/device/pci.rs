@@ -90,6 +90,89 @@ impl PciAddress {
         let link = std::fs::read_link(self.sysfs_path().join("driver")).ok()?;
         link.file_name()?.to_str().map(str::to_string)
     }
+
+    /// The vendor and device ids, from sysfs `vendor` and `device` (for example `(0x1234, 0x11e8)` for
+    /// QEMU's edu device).
+    pub fn vendor_device(&self) -> Result<(u16, u16)> {
+        let dir = self.existing_sysfs_path()?;
+        Ok((read_sysfs_id(&dir.join("vendor"))?, read_sysfs_id(&dir.join("device"))?))
+    }
+
+    /// Binds the device to the `vfio-pci` driver through sysfs: writes `vfio-pci` to its
+    /// `driver_override`, unbinds it from its current driver, writes its address to
+    /// `/sys/bus/pci/drivers_probe`, and checks that `vfio-pci` now drives it. Does nothing if it
+    /// already does.
+    ///
+    /// Needs root (or write access to those sysfs files) and `vfio-pci` built in or loaded (nothing
+    /// here loads modules). `driver_override` stays set, so the device returns to `vfio-pci` if it is
+    /// re-probed. Unbinding a device from its driver takes it away from the host: use this only on
+    /// devices meant for passthrough.
+    pub fn bind_to_vfio_pci(&self) -> Result<()> {
+        const VFIO_PCI: &str = "vfio-pci";
+        let dir = self.existing_sysfs_path()?;
+        if self.driver().as_deref() == Some(VFIO_PCI) {
+            return Ok(());
+        }
+        let address = self.to_string();
+        let write = |op: &'static str, path: PathBuf, value: &str| {
+            std::fs::write(path, value).map_err(|e| {
+                Error::os(op, rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+            })
+        };
+        write("write <device>/driver_override", dir.join("driver_override"), VFIO_PCI)?;
+        if self.driver().is_some() {
+            write("write <device>/driver/unbind", dir.join("driver").join("unbind"), &address)?;
+        }
+        write("write /sys/bus/pci/drivers_probe", PathBuf::from("/sys/bus/pci/drivers_probe"), &address)?;
+        // Probing is synchronous for vfio-pci; allow a short while in case a kernel makes it async.
+        for _ in 0..100 {
+            match self.driver() {
+                Some(d) if d == VFIO_PCI => return Ok(()),
+                Some(_) => break,
+                None => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        Err(Error::Protocol {
+            op: "PciAddress::bind_to_vfio_pci",
+            detail: format!(
+                "{address} is bound to {} after drivers_probe, not vfio-pci (is vfio-pci built in or loaded?)",
+                self.driver().as_deref().unwrap_or("no driver")
+            ),
+        })
+    }
+
+    /// The sysfs directory, or [`Error::Open`] if no such PCI device exists.
+    fn existing_sysfs_path(&self) -> Result<PathBuf> {
+        let dir = self.sysfs_path();
+        if !dir.exists() {
+            return Err(Error::Open {
+                path: dir,
+                errno: rustix::io::Errno::NOENT,
+                hint: Some("no PCI device at this address"),
+            });
+        }
+        Ok(dir)
+    }
+}
+
+/// Reads a sysfs id file such as `vendor` (`0x1234` and a newline).
+fn read_sysfs_id(path: &std::path::Path) -> Result<u16> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::open(path, rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+    })?;
+    parse_sysfs_id(&text).ok_or_else(|| Error::Protocol {
+        op: "read PCI id from sysfs",
+        detail: format!("{}: {text:?} is not a 16-bit hex id", path.display()),
+    })
+}
+
+/// Parses `0x1234\n` (the form sysfs uses for PCI ids).
+fn parse_sysfs_id(text: &str) -> Option<u16> {
+    let hex = text.trim().strip_prefix("0x")?;
+    if hex.is_empty() || hex.starts_with('+') {
+        return None;
+    }
+    u16::from_str_radix(hex, 16).ok()
 }
 
 /// The sysfs device name behind a cdev name `vfioN` (`/sys/class/vfio-dev/vfioN/device`).
@@ -101,6 +184,15 @@ pub(crate) fn cdev_device_name(cdev: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysfs_ids() {
+        assert_eq!(parse_sysfs_id("0x1234\n"), Some(0x1234));
+        assert_eq!(parse_sysfs_id("0x11e8"), Some(0x11e8));
+        for bad in ["", "0x", "1234", "0x12345", "0x+1", "0xzz\n"] {
+            assert_eq!(parse_sysfs_id(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parse_and_display() {

@@ -65,6 +65,12 @@ cdev=$(ls "/sys/bus/pci/devices/$edu/vfio-dev" 2>/dev/null)
 [ -n "$cdev" ] && [ -c "/dev/vfio/devices/$cdev" ] || fail "binding $edu to vfio-pci gave no /dev/vfio/devices/vfioN"
 group=$(readlink "/sys/bus/pci/devices/$edu/iommu_group")
 group=${group##*/}
+behind=$(readlink "/sys/bus/pci/devices/$edu/iommu")
+behind=${behind##*/}
+case "$IOMMUFD_TEST_IOMMU:$behind" in
+intel:dmar* | virtio:virtio*) ;;
+*) fail "edu is behind IOMMU '$behind', not the $IOMMUFD_TEST_IOMMU IOMMU" ;;
+esac
 
 export IOMMUFD_TEST_VM=1
 export IOMMUFD_TEST_EDU_BDF="$edu"
@@ -72,7 +78,7 @@ export IOMMUFD_TEST_EDU_CDEV="/dev/vfio/devices/$cdev"
 export IOMMUFD_TEST_EDU_GROUP="$group"
 export IOMMUFD_TEST_IOMMU
 export RUST_BACKTRACE=1
-echo "edu $edu -> vfio-pci, cdev /dev/vfio/devices/$cdev, group $group; $(grep HugePages_Total /proc/meminfo)"
+echo "edu $edu (behind $behind) -> vfio-pci, cdev /dev/vfio/devices/$cdev, group $group; $(grep HugePages_Total /proc/meminfo)"
 
 # Runs one binary, streaming its output to the console; reports its libtest summary lines and exit code.
 run_one() {

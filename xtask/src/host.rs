@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Result, cache_dir, run};
+use crate::{Result, cache_dir};
 
 /// A host package requirement: a Debian package, optionally from a given suite with a minimum version.
 pub struct Pkg {
@@ -76,18 +76,21 @@ pub fn ensure(what: &str, pkgs: &[Pkg]) -> Result<()> {
     let plain: Vec<&str> = missing.iter().filter(|p| p.suite.is_none()).map(|p| p.name).collect();
     if !plain.is_empty() {
         system_update()?;
-        run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&plain))?;
+        apt_logged(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&plain))?;
     }
     let mut suites: Vec<&str> = missing.iter().filter_map(|p| p.suite).collect();
     suites.dedup();
     for suite in suites {
         let names: Vec<&str> = missing.iter().filter(|p| p.suite == Some(suite)).map(|p| p.name).collect();
         let opts = private_sources(suite)?;
-        run(apt_get().args(&opts).arg("update"))?;
-        run(apt_get()
-            .args(&opts)
-            .args(["install", "-y", "--no-install-recommends", "-t", suite])
-            .args(&names))?;
+        eprintln!("host: apt-get update with {suite} added (private lists under {})", cache_dir().display());
+        apt_logged(apt_get().args(&opts).arg("update"))?;
+        apt_logged(
+            apt_get()
+                .args(&opts)
+                .args(["install", "-y", "--no-install-recommends", "-t", suite])
+                .args(&names),
+        )?;
     }
     for p in &missing {
         if needs_install(p) {
@@ -108,8 +111,27 @@ fn apt_get() -> Command {
 fn system_update() -> Result<()> {
     static DONE: std::sync::Once = std::sync::Once::new();
     let mut result = Ok(());
-    DONE.call_once(|| result = run(apt_get().arg("update")));
+    DONE.call_once(|| {
+        eprintln!("host: apt-get update");
+        result = apt_logged(apt_get().arg("update"));
+    });
     result
+}
+
+/// Runs apt-get with its output appended to `<cache>/apt-host/apt.log`; on failure prints the log's tail.
+fn apt_logged(cmd: &mut Command) -> Result<()> {
+    let dir = cache_dir().join("apt-host");
+    std::fs::create_dir_all(&dir)?;
+    let log_path = dir.join("apt.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let status = cmd.stdout(log.try_clone()?).stderr(log).status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        return Err(format!("{cmd:?} failed: {status}; last lines of {}:\n{tail}", log_path.display()).into());
+    }
+    Ok(())
 }
 
 /// Writes a private apt configuration: the system's sources plus `suite`, with lists under the cache.

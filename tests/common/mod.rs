@@ -1,0 +1,100 @@
+//! Shared helpers for the integration suite. These tests need `/dev/iommu` and a VFIO device: on a
+//! host without them they are `#[ignore]`d (and reported as ignored); `cargo xtask vm-test` runs them
+//! inside the test VM with `--include-ignored`, and `cargo xtask hw-test` on real hardware.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use iommufd::{BoundDevice, Iommufd, PciRegion, RegionMapping, VfioDevice};
+
+/// The reason every test here is ignored on the host.
+pub const NEEDS: &str = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test";
+
+/// Which IOMMU the VM emulates (`intel` or `virtio`), or `hardware` on a real machine.
+pub fn iommu() -> String {
+    std::env::var("IOMMUFD_TEST_IOMMU").expect("IOMMUFD_TEST_IOMMU is set by the VM init or hw-test")
+}
+
+/// The PCI address of the device under test: `IOMMUFD_TEST_DEVICE` (hardware mode) or the VM's edu.
+pub fn device_address() -> String {
+    std::env::var("IOMMUFD_TEST_DEVICE")
+        .or_else(|_| std::env::var("IOMMUFD_TEST_EDU_BDF"))
+        .expect("IOMMUFD_TEST_DEVICE or IOMMUFD_TEST_EDU_BDF names the device under test")
+}
+
+/// The edu device's address (only in the VM).
+pub fn edu_address() -> String {
+    std::env::var("IOMMUFD_TEST_EDU_BDF").expect("IOMMUFD_TEST_EDU_BDF is set by the VM init")
+}
+
+/// Opens the device under test by PCI address and binds it.
+pub fn bind(iommufd: &Iommufd) -> BoundDevice {
+    VfioDevice::open_pci(&device_address()).expect("open device cdev").bind(iommufd).expect("bind")
+}
+
+/// Number of open fds of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A driver for QEMU's `edu` device: its DMA engine copies between RAM (by IOVA) and a 4 KiB buffer
+/// inside the device at device address 0x40000.
+pub struct Edu {
+    pub bar: RegionMapping,
+}
+
+pub const EDU_BUF: u64 = 0x40000;
+const REG_ID: usize = 0x00;
+const REG_LIVENESS: usize = 0x04;
+const REG_DMA_SRC: usize = 0x80;
+const REG_DMA_DST: usize = 0x88;
+const REG_DMA_COUNT: usize = 0x90;
+const REG_DMA_CMD: usize = 0x98;
+const CMD_START: u64 = 1;
+const CMD_TO_RAM: u64 = 2;
+
+impl Edu {
+    /// Maps BAR0 and enables bus mastering (vfio-pci leaves it off, and DMA silently does nothing).
+    pub fn new(device: &BoundDevice) -> Edu {
+        let bar = device.map_region(PciRegion::Bar(0).index()).expect("mmap edu BAR0");
+        let id = bar.read_u32(REG_ID).unwrap();
+        assert_eq!(id & 0xffff, 0x00ed, "edu id register reads {id:#x}");
+        bar.write_u32(REG_LIVENESS, 0x1234_5678).unwrap();
+        assert_eq!(bar.read_u32(REG_LIVENESS).unwrap(), !0x1234_5678u32, "edu liveness check");
+        device.set_bus_master(true).expect("enable bus mastering");
+        Edu { bar }
+    }
+
+    fn dma(&self, src: u64, dst: u64, len: u64, cmd: u64) {
+        assert!(len <= 4096);
+        self.wait_idle();
+        self.bar.write_u64(REG_DMA_SRC, src).unwrap();
+        self.bar.write_u64(REG_DMA_DST, dst).unwrap();
+        self.bar.write_u64(REG_DMA_COUNT, len).unwrap();
+        self.bar.write_u64(REG_DMA_CMD, cmd | CMD_START).unwrap();
+        self.wait_idle();
+    }
+
+    fn wait_idle(&self) {
+        let start = Instant::now();
+        while self.bar.read_u64(REG_DMA_CMD).unwrap() & CMD_START != 0 {
+            assert!(start.elapsed() < Duration::from_secs(20), "edu DMA did not complete in 20 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Device reads `len` bytes of RAM at `iova` into its buffer.
+    pub fn ram_to_device(&self, iova: u64, len: u64) {
+        self.dma(iova, EDU_BUF, len, 0);
+    }
+
+    /// Device writes `len` bytes of its buffer to RAM at `iova`.
+    pub fn device_to_ram(&self, iova: u64, len: u64) {
+        self.dma(EDU_BUF, iova, len, CMD_TO_RAM);
+    }
+}
+
+/// A recognisable pattern for `len` bytes, different for each `seed`.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ 0x5a).collect()
+}

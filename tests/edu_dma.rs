@@ -1,0 +1,116 @@
+//! Real DMA through the IOMMU with QEMU's edu device, both directions, byte-compared; DMA to an
+//! unmapped IOVA, after an unmap, and into a read-only mapping must leave memory untouched.
+
+mod common;
+
+use common::{Edu, bind, pattern};
+use iommufd::{Access, DmaBuffer, Hwpt, HwptFlags, Iommufd, Iova, page_size};
+
+const LEN: u64 = 4096;
+
+fn buffer_with(bytes: &[u8]) -> DmaBuffer {
+    let mut b = DmaBuffer::new(bytes.len()).unwrap();
+    b.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+    b
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn dma_round_trip_through_the_iommu() {
+    let fd = Iommufd::open().unwrap();
+    let dev = bind(&fd);
+    let ioas = fd.alloc_ioas().unwrap();
+    let _att = dev.attach(&ioas).unwrap();
+    let edu = Edu::new(&dev);
+
+    let data = pattern(1, LEN as usize);
+    let src = ioas.map(buffer_with(&data), Iova::Fixed(0x10_0000), Access::READ).unwrap();
+    let dst = ioas.map(DmaBuffer::new(LEN as usize).unwrap(), Iova::Auto, Access::READ_WRITE).unwrap();
+    assert!(dst.iova() + LEN <= 1 << 28, "edu's default DMA mask is 28 bits: {dst:?}");
+    edu.ram_to_device(src.iova(), LEN);
+    edu.device_to_ram(dst.iova(), LEN);
+    assert_eq!(dst.to_vec(), data, "RAM -> edu -> RAM through IOVAs");
+    let back = dst.unmap().unwrap().unwrap();
+    assert_eq!(back.as_slice(), &data[..]);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn dma_through_an_allocated_hwpt_and_a_file_mapping() {
+    let fd = Iommufd::open().unwrap();
+    let dev = bind(&fd);
+    let ioas = fd.alloc_ioas().unwrap();
+    let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
+    let _att = dev.attach(&hwpt).unwrap();
+    let edu = Edu::new(&dev);
+
+    let data = pattern(2, LEN as usize);
+    let file = rustix::fs::memfd_create("edu-src", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&file, LEN).unwrap();
+    rustix::io::pwrite(&file, &data, 0).unwrap();
+    let src = ioas.map_file(&file, 0, LEN, Iova::Fixed(0x20_0000), Access::READ).unwrap();
+    let dst = ioas.map(DmaBuffer::new(LEN as usize).unwrap(), Iova::Fixed(0x30_0000), Access::WRITE).unwrap();
+    edu.ram_to_device(src.iova(), LEN);
+    edu.device_to_ram(dst.iova(), LEN);
+    assert_eq!(dst.to_vec(), data, "file pages -> edu -> buffer, translated by the HWPT");
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn dma_to_unmapped_iova_and_after_unmap_is_blocked() {
+    let fd = Iommufd::open().unwrap();
+    let dev = bind(&fd);
+    let ioas = fd.alloc_ioas().unwrap();
+    let _att = dev.attach(&ioas).unwrap();
+    let edu = Edu::new(&dev);
+
+    // Load edu's buffer with a pattern.
+    let data = pattern(3, LEN as usize);
+    let src = ioas.map(buffer_with(&data), Iova::Fixed(0x10_0000), Access::READ).unwrap();
+    edu.ram_to_device(src.iova(), LEN);
+
+    // A mapped victim buffer, and a write to an IOVA nothing is mapped at.
+    let victim =
+        ioas.map(DmaBuffer::new(LEN as usize).unwrap(), Iova::Fixed(0x40_0000), Access::READ_WRITE).unwrap();
+    edu.device_to_ram(0x50_0000, LEN);
+    assert!(victim.to_vec().iter().all(|&b| b == 0), "blocked DMA must not land anywhere");
+
+    // The device can write the victim while it is mapped...
+    edu.device_to_ram(victim.iova(), LEN);
+    assert_eq!(victim.to_vec(), data);
+    // ...and no longer once it is unmapped, although the buffer still exists.
+    let old_iova = victim.iova();
+    let mut buf = victim.unmap().unwrap().unwrap();
+    buf.as_mut_slice().fill(0);
+    let other = pattern(4, LEN as usize);
+    let src2 = ioas.map(buffer_with(&other), Iova::Fixed(0x60_0000), Access::READ).unwrap();
+    edu.ram_to_device(src2.iova(), LEN);
+    edu.device_to_ram(old_iova, LEN);
+    assert!(buf.as_slice().iter().all(|&b| b == 0), "DMA after unmap reached the old buffer");
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn read_only_mapping_blocks_device_writes() {
+    let fd = Iommufd::open().unwrap();
+    let dev = bind(&fd);
+    let ioas = fd.alloc_ioas().unwrap();
+    let _att = dev.attach(&ioas).unwrap();
+    let edu = Edu::new(&dev);
+
+    let original = pattern(5, LEN as usize);
+    let ro = ioas.map(buffer_with(&original), Iova::Fixed(0x10_0000), Access::READ).unwrap();
+    // Reads are allowed: the device copies the read-only buffer into its own.
+    edu.ram_to_device(ro.iova(), LEN);
+    let check =
+        ioas.map(DmaBuffer::new(LEN as usize).unwrap(), Iova::Fixed(0x20_0000), Access::WRITE).unwrap();
+    edu.device_to_ram(check.iova(), LEN);
+    assert_eq!(check.to_vec(), original, "device read the read-only mapping");
+    // Writes are not: load different data into edu and try to write it over the read-only buffer.
+    let other = pattern(6, LEN as usize);
+    let src = ioas.map(buffer_with(&other), Iova::Fixed(0x30_0000), Access::READ).unwrap();
+    edu.ram_to_device(src.iova(), LEN);
+    edu.device_to_ram(ro.iova(), LEN);
+    assert_eq!(ro.to_vec(), original, "the IOMMU must block writes to a read-only mapping");
+    assert_eq!(page_size() as u64 % LEN, 0);
+}
