@@ -5,12 +5,12 @@
 //!
 //! - A [`DmaBuffer`] is plain memory the caller owns: it may be borrowed as `&[u8]`/`&mut [u8]`
 //!   because no device can reach it.
-//! - [`Ioas::map`](crate::Ioas::map) *moves* the buffer into the returned [`Mapping`]. From then on no
-//!   Rust reference to the bytes exists; [`Mapping::read_at`]/[`Mapping::write_at`] copy with volatile
+//! - [`Ioas::map`](crate::Ioas::map) *moves* the buffer into the returned [`Mapping`](crate::Mapping). From then on no
+//!   Rust reference to the bytes exists; [`Mapping::read_at`](crate::Mapping::read_at)/[`Mapping::write_at`](crate::Mapping::write_at) copy with volatile
 //!   accesses. The buffer cannot be dropped, moved out of, or borrowed while mapped because the caller
 //!   no longer has it.
 //! - The memory is released only after the kernel confirms the unmap of every IOVA range that refers to
-//!   it (a [`copy`](crate::Ioas::copy) shares it). If an unmap fails, or the [`Mapping`] is
+//!   it (a [`copy`](crate::Ioas::copy) shares it). If an unmap fails, or the [`Mapping`](crate::Mapping) is
 //!   `mem::forget`-ed, the memory is leaked, never freed.
 //! - Memory not owned by a mapping is either pinned by the kernel from a file
 //!   ([`Ioas::map_file`](crate::Ioas::map_file)), or mapped through the `unsafe`
@@ -88,7 +88,7 @@ impl Drop for Region {
 /// Page-aligned memory owned by the caller, ready to be mapped for DMA.
 ///
 /// While the caller holds it, no device can reach it, so it can be read and written as a slice.
-/// Mapping it moves it into a [`Mapping`]; unmapping gives it back.
+/// Mapping it moves it into a [`Mapping`](crate::Mapping); unmapping gives it back.
 ///
 /// Safe code cannot reach the bytes while the buffer is mapped. Each of these fails to compile
 /// (the error codes are checked), while the same code without the offending line compiles:
@@ -190,12 +190,12 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// What a [`Mapping`] keeps alive for as long as an IOVA range refers to it.
+/// What a [`Mapping`](crate::Mapping) keeps alive for as long as an IOVA range refers to it.
 pub trait Memory: sealed::Sealed {
     /// What the mapping holds.
     #[doc(hidden)]
     type Held: std::fmt::Debug + Send + Sync;
-    /// What a successful [`Mapping::unmap`] gives back.
+    /// What a successful [`Mapping::unmap`](crate::Mapping::unmap) gives back.
     type Unmapped;
     #[doc(hidden)]
     fn release(held: Self::Held) -> Self::Unmapped;
