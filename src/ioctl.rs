@@ -116,13 +116,31 @@ pub(crate) unsafe fn call<T>(fd: BorrowedFd<'_>, op: &Op, arg: &mut T) -> Result
     // pointers; `arg` is a live exclusive borrow, so the kernel may read and write it in place, and
     // `fd` is borrowed open for the duration of the call.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), op.request as _, arg as *mut T) };
+    check(op, ret)
+}
+
+/// Maps a raw ioctl return value to the crate's result, reading `errno` on failure.
+fn check(op: &Op, ret: c_int) -> Result<c_int> {
     if ret < 0 {
-        return Err(error(
-            op,
-            Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
-        ));
+        let errno = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO);
+        return Err(error(op, errno));
     }
     Ok(ret)
+}
+
+/// Issues `op` with a variable-length argument held in `buf` (a structure followed by its flexible
+/// array or capability chain).
+///
+/// # Safety
+///
+/// `buf` must begin with the argument structure the kernel defines for `op.request` on the kind of
+/// file `fd` is, with its `argsz` no larger than `size_of_val(buf)`, and hold no user pointers (so the
+/// kernel reads and writes only inside `buf`).
+pub(crate) unsafe fn call_buf<T: Copy>(fd: BorrowedFd<'_>, op: &Op, buf: &mut [T]) -> Result<c_int> {
+    // SAFETY: the caller guarantees `buf` starts with `op`'s argument and that the kernel, bounded by
+    // `argsz`, stays inside `buf`, which is exclusively borrowed for the call; `fd` is borrowed open.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), op.request as _, buf.as_mut_ptr()) };
+    check(op, ret)
 }
 
 /// Issues `op` on `fd` with no argument (for example `VFIO_DEVICE_RESET`).
@@ -130,13 +148,7 @@ pub(crate) fn call_none(fd: BorrowedFd<'_>, op: &Op) -> Result<c_int> {
     // SAFETY: the requests passed here take no argument (the kernel ignores the third parameter), so
     // no memory is read or written through it.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), op.request as _, 0usize) };
-    if ret < 0 {
-        return Err(error(
-            op,
-            Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
-        ));
-    }
-    Ok(ret)
+    check(op, ret)
 }
 
 /// Implements `Sized` argument structs with a leading `size`/`argsz` field set to their own size.

@@ -15,7 +15,6 @@
 //! Every offset and length is checked against the region before any syscall is made; a bad one is an
 //! [`Error::InvalidArgument`].
 
-use std::ffi::c_int;
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
@@ -25,7 +24,7 @@ use iommufd_sys as sys;
 
 use super::{BoundDevice, DeviceInner};
 use crate::error::{Errno, Error, Result};
-use crate::ioctl::{self, Op, Sized32};
+use crate::ioctl::{self, Sized32};
 
 bitflags::bitflags! {
     /// What kind of device this is and what it supports (`VFIO_DEVICE_FLAGS_*`).
@@ -343,7 +342,7 @@ impl BoundDevice {
             // chain only inside `buf`; no field is a pointer. The kernel copies with
             // copy_to_user/copy_from_user, which need no alignment, and this code reads the answer
             // back byte by byte.
-            unsafe { call_buf(self.as_fd(), &ioctl::DEVICE_GET_REGION_INFO, &mut buf) }?;
+            unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_GET_REGION_INFO, &mut buf) }?;
             let argsz = get_u32(&buf, offset_of!(sys::vfio_region_info, argsz)).unwrap_or(0) as usize;
             if argsz > want {
                 want = argsz;
@@ -575,7 +574,7 @@ impl BoundDevice {
         // SAFETY: `buf` is a `vfio_irq_set` header followed by `count` i32 fds, with `argsz` equal to
         // its byte length (built by `irq_set_buffer`), 4-byte aligned like the structure. It holds no
         // pointers; the fds are borrowed from `fds`, open for the duration of the call.
-        unsafe { call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
+        unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
     }
 
     /// Disables every vector of interrupt `index` and releases its eventfds
@@ -630,7 +629,7 @@ impl BoundDevice {
         let mut buf = irq_set_buffer(op, flags, index, start, count, &[])?;
         // SAFETY: `buf` is a bare `vfio_irq_set` header with `argsz` equal to its byte length and
         // DATA_NONE, so the kernel reads no payload; it holds no pointers.
-        unsafe { call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
+        unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
     }
 
     /// Resets the device (`VFIO_DEVICE_RESET`; the device must report [`DeviceFlags::RESET`]).
@@ -656,24 +655,6 @@ fn region_info_fixed(fd: BorrowedFd<'_>, index: u32) -> Result<(sys::vfio_region
     unsafe { ioctl::call(fd, &ioctl::DEVICE_GET_REGION_INFO, &mut arg) }?;
     let info = RegionInfo::from_raw(&arg);
     Ok((arg, info))
-}
-
-/// Issues `op` with a variable-length argument held in `buf`.
-///
-/// # Safety
-///
-/// `buf` must begin with the argument structure the kernel defines for `op.request` on a VFIO device
-/// cdev, with its `argsz` no larger than `size_of_val(buf)`, and hold no user pointers (so the kernel
-/// reads and writes only inside `buf`).
-unsafe fn call_buf<T: Copy>(fd: BorrowedFd<'_>, op: &Op, buf: &mut [T]) -> Result<c_int> {
-    // SAFETY: the caller guarantees `buf` starts with `op`'s argument and that the kernel, bounded by
-    // `argsz`, stays inside `buf`, which is exclusively borrowed for the call; `fd` is borrowed open.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), op.request as _, buf.as_mut_ptr()) };
-    if ret < 0 {
-        let errno = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO);
-        return Err(ioctl::error(op, errno));
-    }
-    Ok(ret)
 }
 
 /// Builds a `vfio_irq_set` argument: the 20-byte header followed by `fds` as `i32`s, as `u32` words
