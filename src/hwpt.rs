@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use iommufd_sys as sys;
 
-use crate::device::BoundDevice;
+use crate::device::IommuDevice;
 use crate::error::{Error, Result};
 use crate::ioas::{Ioas, IoasInner};
 use crate::ioctl::{self, Sized32};
@@ -56,7 +56,7 @@ impl Hwpt {
     /// Flags the IOMMU cannot honour are answered by the kernel with `EOPNOTSUPP`
     /// ([`Error::is_unsupported`]); for example Intel VT-d without second-stage dirty bits rejects
     /// [`HwptFlags::DIRTY_TRACKING`].
-    pub fn alloc(device: &BoundDevice, ioas: &Ioas, flags: HwptFlags) -> Result<Hwpt> {
+    pub fn alloc(device: &impl IommuDevice, ioas: &Ioas, flags: HwptFlags) -> Result<Hwpt> {
         const OP: &str = "IOMMU_HWPT_ALLOC";
         device.iommufd().check_same(ioas.iommufd(), OP)?;
         let mut arg = sys::iommu_hwpt_alloc::new();

@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 
 use iommufd_sys as sys;
 
-use super::BoundDevice;
+use super::{BoundDevice, IommuDevice};
 use crate::error::Result;
 use crate::ioctl::{self, Sized32};
 
@@ -100,47 +100,52 @@ fn read<T: Copy + Default>(bytes: &[u8]) -> T {
 impl BoundDevice {
     /// Queries the device's IOMMU (`IOMMU_GET_HW_INFO`, Linux 6.6).
     pub fn hw_info(&self) -> Result<HwInfo> {
-        let mut data = [0u8; 256];
-        let mut arg = sys::iommu_hw_info::new();
-        arg.dev_id = self.dev_id();
-        arg.data_len = data.len() as u32;
-        arg.data_uptr = data.as_mut_ptr() as u64;
-        // SAFETY: IOMMU_GET_HW_INFO takes `iommu_hw_info`, sized by `new()`; `data_uptr` points at
-        // `data_len` writable bytes of `data`, alive for the call, and the kernel writes at most that.
-        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::GET_HW_INFO, &mut arg) }?;
-        let len = (arg.data_len as usize).min(data.len());
-        let bytes = &data[..len];
-        // SAFETY: reading the `out_data_type` member of the kernel-filled union; both members are u32.
-        let kind = unsafe { arg.__bindgen_anon_1.out_data_type };
-        let data = match kind {
-            sys::IOMMU_HW_INFO_TYPE_NONE => HwInfoData::None,
-            sys::IOMMU_HW_INFO_TYPE_INTEL_VTD => {
-                let v: sys::iommu_hw_info_vtd = read(bytes);
-                HwInfoData::IntelVtd { flags: v.flags, cap_reg: v.cap_reg, ecap_reg: v.ecap_reg }
-            }
-            sys::IOMMU_HW_INFO_TYPE_ARM_SMMUV3 => {
-                let v: sys::iommu_hw_info_arm_smmuv3 = read(bytes);
-                HwInfoData::ArmSmmuv3 { flags: v.flags, idr: v.idr, iidr: v.iidr, aidr: v.aidr }
-            }
-            sys::IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV => {
-                let v: sys::iommu_hw_info_tegra241_cmdqv = read(bytes);
-                HwInfoData::Tegra241Cmdqv {
-                    flags: v.flags,
-                    version: v.version,
-                    log2vcmdqs: v.log2vcmdqs,
-                    log2vsids: v.log2vsids,
-                }
-            }
-            sys::IOMMU_HW_INFO_TYPE_AMD => {
-                let v: sys::iommu_hw_info_amd = read(bytes);
-                HwInfoData::Amd { efr: v.efr, efr2: v.efr2 }
-            }
-            kind => HwInfoData::Unknown { kind, data: bytes.to_vec() },
-        };
-        Ok(HwInfo {
-            data,
-            capabilities: HwCapabilities::from_bits_retain(arg.out_capabilities),
-            max_pasid_log2: arg.out_max_pasid_log2,
-        })
+        hw_info(self)
     }
+}
+
+/// Queries the IOMMU of any device known to an iommufd (`IOMMU_GET_HW_INFO`, Linux 6.6).
+pub fn hw_info(device: &impl IommuDevice) -> Result<HwInfo> {
+    let mut data = [0u8; 256];
+    let mut arg = sys::iommu_hw_info::new();
+    arg.dev_id = device.dev_id();
+    arg.data_len = data.len() as u32;
+    arg.data_uptr = data.as_mut_ptr() as u64;
+    // SAFETY: IOMMU_GET_HW_INFO takes `iommu_hw_info`, sized by `new()`; `data_uptr` points at
+    // `data_len` writable bytes of `data`, alive for the call, and the kernel writes at most that.
+    unsafe { ioctl::call(device.iommufd().as_fd(), &ioctl::GET_HW_INFO, &mut arg) }?;
+    let len = (arg.data_len as usize).min(data.len());
+    let bytes = &data[..len];
+    // SAFETY: reading the `out_data_type` member of the kernel-filled union; both members are u32.
+    let kind = unsafe { arg.__bindgen_anon_1.out_data_type };
+    let data = match kind {
+        sys::IOMMU_HW_INFO_TYPE_NONE => HwInfoData::None,
+        sys::IOMMU_HW_INFO_TYPE_INTEL_VTD => {
+            let v: sys::iommu_hw_info_vtd = read(bytes);
+            HwInfoData::IntelVtd { flags: v.flags, cap_reg: v.cap_reg, ecap_reg: v.ecap_reg }
+        }
+        sys::IOMMU_HW_INFO_TYPE_ARM_SMMUV3 => {
+            let v: sys::iommu_hw_info_arm_smmuv3 = read(bytes);
+            HwInfoData::ArmSmmuv3 { flags: v.flags, idr: v.idr, iidr: v.iidr, aidr: v.aidr }
+        }
+        sys::IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV => {
+            let v: sys::iommu_hw_info_tegra241_cmdqv = read(bytes);
+            HwInfoData::Tegra241Cmdqv {
+                flags: v.flags,
+                version: v.version,
+                log2vcmdqs: v.log2vcmdqs,
+                log2vsids: v.log2vsids,
+            }
+        }
+        sys::IOMMU_HW_INFO_TYPE_AMD => {
+            let v: sys::iommu_hw_info_amd = read(bytes);
+            HwInfoData::Amd { efr: v.efr, efr2: v.efr2 }
+        }
+        kind => HwInfoData::Unknown { kind, data: bytes.to_vec() },
+    };
+    Ok(HwInfo {
+        data,
+        capabilities: HwCapabilities::from_bits_retain(arg.out_capabilities),
+        max_pasid_log2: arg.out_max_pasid_log2,
+    })
 }

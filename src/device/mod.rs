@@ -168,6 +168,25 @@ impl Drop for DeviceInner {
     }
 }
 
+/// A device known to an iommufd by a device id: what HWPT allocation, `IOMMU_GET_HW_INFO` and (later)
+/// vIOMMU and vDEVICE allocation take. Implemented by [`BoundDevice`] and, with the `testing`
+/// feature, by the kernel's mock devices.
+pub trait IommuDevice {
+    /// The device id in its iommufd.
+    fn dev_id(&self) -> u32;
+    /// The iommufd the device is bound to.
+    fn iommufd(&self) -> &Iommufd;
+}
+
+impl IommuDevice for BoundDevice {
+    fn dev_id(&self) -> u32 {
+        self.inner.dev_id
+    }
+    fn iommufd(&self) -> &Iommufd {
+        &self.inner.iommufd
+    }
+}
+
 /// A VFIO device bound to an [`Iommufd`]: it has a device id there and accepts VFIO ioctls.
 ///
 /// Cloning shares the cdev. Attachments keep the device open; the device is unbound when the last
