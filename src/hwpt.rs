@@ -1,5 +1,12 @@
-//! [`Hwpt`]: a hardware page table allocated on an IOAS, and the [`PageTable`] trait for attach targets.
+//! [`Hwpt`]: a hardware page table, either *paging* (built by the kernel from an IOAS's mappings) or
+//! *nested* (a user-managed stage-1 table on top of a nest-parent), and the traits naming what a page
+//! table hangs off: [`PageTable`] (attach targets), [`NestParent`] (parents of nested tables) and
+//! [`FaultSource`] (where I/O page faults of a table are delivered).
+//!
+//! Nested allocation and cache invalidation live in `nested.rs`, dirty tracking in `dirty.rs`; both
+//! extend [`Hwpt`] with more methods.
 
+use std::any::Any;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
@@ -13,12 +20,17 @@ use crate::iommufd::Iommufd;
 use crate::object::Object;
 
 bitflags::bitflags! {
-    /// Flags for [`Hwpt::alloc`] (`IOMMU_HWPT_ALLOC_*`).
+    /// Flags for [`Hwpt::alloc`] and [`Hwpt::alloc_nested`] (`IOMMU_HWPT_ALLOC_*`).
+    ///
+    /// `IOMMU_HWPT_FAULT_ID_VALID` is not among them: it is set by passing a [`FaultSource`]
+    /// ([`Hwpt::alloc_with_faults`], [`Hwpt::alloc_nested_with_faults`]), which also keeps the fault
+    /// queue alive as long as the page table.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct HwptFlags: u32 {
-        /// The page table may serve as the parent (stage 2) of nested page tables.
+        /// The page table may serve as the parent (stage 2) of nested page tables (Linux 6.7).
         const NEST_PARENT = sys::IOMMU_HWPT_ALLOC_NEST_PARENT;
-        /// Allocate with dirty tracking support (enable it later with set_dirty_tracking).
+        /// Allocate with dirty tracking support; turn tracking on with
+        /// [`Hwpt::set_dirty_tracking`] (Linux 6.7).
         const DIRTY_TRACKING = sys::IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
         /// The page table may be attached to PASIDs as well as to the whole device.
         const PASID = sys::IOMMU_HWPT_ALLOC_PASID;
@@ -27,18 +39,83 @@ bitflags::bitflags! {
     }
 }
 
-pub(crate) struct HwptInner {
-    pub(crate) obj: Object,
-    /// The IOAS this paging page table translates; kept alive as long as the HWPT.
-    _ioas: Arc<IoasInner>,
-    flags: HwptFlags,
+/// Whether a [`Hwpt`] is a kernel-managed paging table or a user-managed nested one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HwptKind {
+    /// Built by the kernel from an IOAS's mappings (`IOMMUFD_OBJ_HWPT_PAGING`). Its parent is the IOAS.
+    Paging,
+    /// A user-managed (stage-1) table translated through a nest-parent paging HWPT or a vIOMMU
+    /// (`IOMMUFD_OBJ_HWPT_NESTED`). Its parent is that HWPT or vIOMMU.
+    Nested,
 }
 
-/// A paging hardware page table: an IOMMU domain built from an IOAS's mappings, with explicit flags.
+/// A reference to an iommufd object that keeps the object's handle alive: what a page table holds of
+/// its nest parent or fault queue.
 ///
-/// Attaching a device to an [`Ioas`] lets the kernel pick or share a domain; allocating a `Hwpt`
-/// instead lets the device's owner choose nest-parent, dirty tracking or PASID capability. The HWPT
-/// keeps its IOAS alive; attachments keep the HWPT alive. Cloning shares the kernel object.
+/// Other modules of this crate build one from their handle's `Arc` (for example a vIOMMU for
+/// [`NestParent`], a fault queue for [`FaultSource`]); outside the crate it is opaque.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct ObjRef {
+    iommufd: Iommufd,
+    id: u32,
+    /// Dropped after the child's own `Object` (field order in `HwptInner`), so the kernel sees the
+    /// child destroyed before the parent's handle can destroy the parent.
+    _keep: Arc<dyn Any + Send + Sync>,
+}
+
+impl ObjRef {
+    /// A reference to object `id` of `iommufd` that keeps `keep` (the object's owning handle) alive.
+    pub(crate) fn new(iommufd: &Iommufd, id: u32, keep: Arc<dyn Any + Send + Sync>) -> ObjRef {
+        ObjRef { iommufd: iommufd.clone(), id, _keep: keep }
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub(crate) fn iommufd(&self) -> &Iommufd {
+        &self.iommufd
+    }
+}
+
+/// What a HWPT hangs off, kept alive as long as the HWPT.
+enum Parent {
+    /// A paging HWPT's IOAS.
+    Ioas(Arc<IoasInner>),
+    /// A nested HWPT's nest-parent HWPT or vIOMMU.
+    Nest(ObjRef),
+}
+
+pub(crate) struct HwptInner {
+    /// Declared first so it is dropped first: the HWPT is destroyed before its parent and fault queue
+    /// are released.
+    pub(crate) obj: Object,
+    parent: Parent,
+    /// The fault queue I/O page faults are delivered to, if any (`IOMMU_HWPT_FAULT_ID_VALID`).
+    _faults: Option<ObjRef>,
+    pub(crate) flags: HwptFlags,
+}
+
+impl HwptInner {
+    pub(crate) fn kind(&self) -> HwptKind {
+        match self.parent {
+            Parent::Ioas(_) => HwptKind::Paging,
+            Parent::Nest(_) => HwptKind::Nested,
+        }
+    }
+}
+
+/// A hardware page table (an IOMMU domain) with explicit flags.
+///
+/// A **paging** HWPT ([`Hwpt::alloc`]) is built by the kernel from an IOAS's mappings; attaching a
+/// device to one instead of to the [`Ioas`] lets the device's owner choose nest-parent, dirty tracking
+/// or PASID capability. A **nested** HWPT ([`Hwpt::alloc_nested`]) is a user-managed stage-1 table
+/// (for example a guest's I/O page table) whose output is translated by a nest-parent HWPT.
+///
+/// Each HWPT keeps its parent alive (the IOAS of a paging table, the nest parent or vIOMMU of a nested
+/// one) and attachments keep the HWPT alive, so the kernel always sees children destroyed first.
+/// Cloning shares the kernel object.
 #[derive(Clone)]
 pub struct Hwpt {
     pub(crate) inner: Arc<HwptInner>,
@@ -46,9 +123,29 @@ pub struct Hwpt {
 
 impl std::fmt::Debug for Hwpt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hwpt").field("id", &self.id()).field("flags", &self.inner.flags).finish()
+        f.debug_struct("Hwpt")
+            .field("id", &self.id())
+            .field("kind", &self.kind())
+            .field("parent_id", &self.parent_id())
+            .field("flags", &self.inner.flags)
+            .finish()
     }
 }
+
+/// Where an allocated HWPT hangs: the ioctl's `pt_id` plus what the new handle keeps alive.
+pub(crate) struct AllocTarget {
+    pub(crate) pt_id: u32,
+    parent: Parent,
+}
+
+/// The data part of an `IOMMU_HWPT_ALLOC` call: `(data_type, data_uptr, data_len)`.
+pub(crate) struct AllocData {
+    pub(crate) data_type: u32,
+    pub(crate) uptr: u64,
+    pub(crate) len: u32,
+}
+
+pub(crate) const HWPT_ALLOC: &str = "IOMMU_HWPT_ALLOC";
 
 impl Hwpt {
     /// Allocates a paging page table for `device` on `ioas` (`IOMMU_HWPT_ALLOC`, Linux 6.6).
@@ -57,20 +154,83 @@ impl Hwpt {
     /// ([`Error::is_unsupported`]); for example Intel VT-d without second-stage dirty bits rejects
     /// [`HwptFlags::DIRTY_TRACKING`].
     pub fn alloc(device: &impl IommuDevice, ioas: &Ioas, flags: HwptFlags) -> Result<Hwpt> {
-        const OP: &str = "IOMMU_HWPT_ALLOC";
-        device.iommufd().check_same(ioas.iommufd(), OP)?;
+        Self::alloc_paging(device, ioas, flags, None)
+    }
+
+    /// Like [`alloc`](Self::alloc), and delivers the table's I/O page faults to `faults`
+    /// (`IOMMU_HWPT_FAULT_ID_VALID`, Linux 6.11). The HWPT keeps the fault queue alive.
+    ///
+    /// The kernel refuses a fault queue on a [`HwptFlags::NEST_PARENT`] table (faults are reported
+    /// by the nested tables), so that combination is rejected before the ioctl.
+    pub fn alloc_with_faults(
+        device: &impl IommuDevice,
+        ioas: &Ioas,
+        flags: HwptFlags,
+        faults: &impl FaultSource,
+    ) -> Result<Hwpt> {
+        if flags.contains(HwptFlags::NEST_PARENT) {
+            return Err(Error::invalid(
+                HWPT_ALLOC,
+                "a nest-parent page table cannot take a fault queue (give it to the nested tables)",
+            ));
+        }
+        Self::alloc_paging(device, ioas, flags, Some(faults.fault_ref()))
+    }
+
+    fn alloc_paging(
+        device: &impl IommuDevice,
+        ioas: &Ioas,
+        flags: HwptFlags,
+        faults: Option<ObjRef>,
+    ) -> Result<Hwpt> {
+        device.iommufd().check_same(ioas.iommufd(), HWPT_ALLOC)?;
+        let target = AllocTarget { pt_id: ioas.id(), parent: Parent::Ioas(ioas.inner.clone()) };
+        let data = AllocData { data_type: sys::IOMMU_HWPT_DATA_NONE, uptr: 0, len: 0 };
+        // SAFETY: no driver data for a paging table: a null pointer with length 0.
+        unsafe { Self::alloc_raw(device, target, &data, flags, faults) }
+    }
+
+    /// Issues `IOMMU_HWPT_ALLOC` and wraps the new object.
+    ///
+    /// # Safety
+    ///
+    /// `data.uptr` must be null with `data.len == 0`, or point at `data.len` readable bytes that stay
+    /// alive and unmodified for the call.
+    pub(crate) unsafe fn alloc_raw(
+        device: &impl IommuDevice,
+        target: AllocTarget,
+        data: &AllocData,
+        flags: HwptFlags,
+        faults: Option<ObjRef>,
+    ) -> Result<Hwpt> {
+        let iommufd = device.iommufd();
+        if flags.bits() & sys::IOMMU_HWPT_FAULT_ID_VALID != 0 {
+            return Err(Error::invalid(
+                HWPT_ALLOC,
+                "IOMMU_HWPT_FAULT_ID_VALID is set by passing a fault queue, not as a flag",
+            ));
+        }
         let mut arg = sys::iommu_hwpt_alloc::new();
         arg.flags = flags.bits();
+        if let Some(faults) = &faults {
+            iommufd.check_same(faults.iommufd(), HWPT_ALLOC)?;
+            arg.flags |= sys::IOMMU_HWPT_FAULT_ID_VALID;
+            arg.fault_id = faults.id();
+        }
         arg.dev_id = device.dev_id();
-        arg.pt_id = ioas.id();
-        arg.data_type = sys::IOMMU_HWPT_DATA_NONE;
-        // SAFETY: IOMMU_HWPT_ALLOC takes `iommu_hwpt_alloc`, sized by `new()`; `data_uptr` is null with
-        // `data_len` 0 (no driver data for a paging table), so the kernel reads no user memory.
-        unsafe { ioctl::call(ioas.iommufd().as_fd(), &ioctl::HWPT_ALLOC, &mut arg) }?;
+        arg.pt_id = target.pt_id;
+        arg.data_type = data.data_type;
+        arg.data_len = data.len;
+        arg.data_uptr = data.uptr;
+        // SAFETY: IOMMU_HWPT_ALLOC takes `iommu_hwpt_alloc`, sized by `new()`. Its one user pointer,
+        // `data_uptr`, is null with `data_len` 0 or points at `data_len` readable bytes alive for the
+        // call (this function's contract); the kernel only reads them.
+        unsafe { ioctl::call(iommufd.as_fd(), &ioctl::HWPT_ALLOC, &mut arg) }?;
         Ok(Hwpt {
             inner: Arc::new(HwptInner {
-                obj: Object::new(ioas.iommufd(), arg.out_hwpt_id, "HWPT"),
-                _ioas: ioas.inner.clone(),
+                obj: Object::new(iommufd, arg.out_hwpt_id, "HWPT"),
+                parent: target.parent,
+                _faults: faults,
                 flags,
             }),
         })
@@ -86,17 +246,60 @@ impl Hwpt {
         self.inner.flags
     }
 
+    /// Paging or nested.
+    pub fn kind(&self) -> HwptKind {
+        self.inner.kind()
+    }
+
+    /// The id of what the table hangs off: its IOAS (paging) or its nest-parent HWPT or vIOMMU
+    /// (nested). The handle keeps that object alive.
+    pub fn parent_id(&self) -> u32 {
+        match &self.inner.parent {
+            Parent::Ioas(ioas) => ioas.id(),
+            Parent::Nest(parent) => parent.id(),
+        }
+    }
+
     /// The iommufd it belongs to.
     pub fn iommufd(&self) -> &Iommufd {
         self.inner.obj.iommufd()
     }
 
-    /// Destroys the page table now, reporting failure; refused with [`Error::InUse`] while clones or
-    /// attachments still refer to it.
+    /// Destroys the page table now, reporting failure; refused with [`Error::InUse`] while clones,
+    /// attachments or nested tables still refer to it.
+    ///
+    /// Its parent (IOAS, nest parent or vIOMMU) is released only after the kernel destroyed it.
     pub fn destroy(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner.obj.destroy(),
+            Ok(inner) => {
+                let HwptInner { obj, parent, _faults, flags: _ } = inner;
+                let r = obj.destroy();
+                if r.is_err() {
+                    // The kernel still holds a reference on the parent and the fault queue: keep
+                    // their handles too, rather than have them fail (and log) their own destroy.
+                    std::mem::forget(parent);
+                    std::mem::forget(_faults);
+                }
+                r
+            }
             Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
+        }
+    }
+
+    /// A HWPT handle for an id the kernel never allocated, for validation tests.
+    #[cfg(test)]
+    pub(crate) fn fake(ioas: &Ioas, id: u32, kind: HwptKind, flags: HwptFlags) -> Hwpt {
+        let parent = match kind {
+            HwptKind::Paging => Parent::Ioas(ioas.inner.clone()),
+            HwptKind::Nested => Parent::Nest(ObjRef::new(ioas.iommufd(), ioas.id(), ioas.inner.clone())),
+        };
+        Hwpt {
+            inner: Arc::new(HwptInner {
+                obj: Object::new(ioas.iommufd(), id, "HWPT"),
+                parent,
+                _faults: None,
+                flags,
+            }),
         }
     }
 }
@@ -128,7 +331,9 @@ impl PtRef {
     }
 }
 
-mod sealed {
+/// Seals [`PageTable`], [`NestParent`] and [`FaultSource`]: only this crate's handles implement them.
+/// Crate-visible so that other modules (vIOMMU, fault queue) can implement them for their handles.
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
@@ -158,5 +363,60 @@ impl PageTable for Hwpt {
     }
     fn pt_ref(&self) -> PtRef {
         PtRef(PtKind::Hwpt(self.inner.clone()))
+    }
+}
+
+/// What a nested page table can be allocated on ([`Hwpt::alloc_nested`]): a paging [`Hwpt`]
+/// allocated with [`HwptFlags::NEST_PARENT`] or, on IOMMUs with a vIOMMU object (ARM SMMUv3, and
+/// the other drivers from Linux 6.13 on), a vIOMMU wrapping such a HWPT.
+///
+/// The nested table keeps its parent's handle alive.
+pub trait NestParent: sealed::Sealed {
+    /// The object id passed to the kernel as `pt_id`.
+    fn nest_parent_id(&self) -> u32;
+    /// Checks that the object can be a nest parent and returns the reference the nested table keeps.
+    #[doc(hidden)]
+    fn nest_parent_ref(&self) -> Result<ObjRef>;
+}
+
+impl NestParent for Hwpt {
+    fn nest_parent_id(&self) -> u32 {
+        self.id()
+    }
+
+    fn nest_parent_ref(&self) -> Result<ObjRef> {
+        if self.kind() != HwptKind::Paging {
+            return Err(Error::invalid(
+                HWPT_ALLOC,
+                format!("HWPT {} is nested: only a paging HWPT can be a nest parent", self.id()),
+            ));
+        }
+        if !self.flags().contains(HwptFlags::NEST_PARENT) {
+            return Err(Error::invalid(
+                HWPT_ALLOC,
+                format!("HWPT {} was not allocated with HwptFlags::NEST_PARENT", self.id()),
+            ));
+        }
+        Ok(ObjRef::new(self.iommufd(), self.id(), self.inner.clone()))
+    }
+}
+
+/// Where a page table's I/O page faults are delivered: an iommufd fault queue
+/// (`IOMMU_FAULT_QUEUE_ALLOC`, Linux 6.11). Passing one to [`Hwpt::alloc_with_faults`] or
+/// [`Hwpt::alloc_nested_with_faults`] sets `IOMMU_HWPT_FAULT_ID_VALID`; the HWPT keeps the queue
+/// alive (the kernel refuses to destroy a queue a HWPT still reports to).
+pub trait FaultSource: sealed::Sealed {
+    /// The fault queue's object id (the `fault_id` of `IOMMU_HWPT_ALLOC`).
+    fn fault_id(&self) -> u32;
+    #[doc(hidden)]
+    fn fault_ref(&self) -> ObjRef;
+}
+
+impl Hwpt {
+    /// Resolves a nest parent into the allocation target of a nested table.
+    pub(crate) fn nested_target(device: &impl IommuDevice, parent: &impl NestParent) -> Result<AllocTarget> {
+        let parent = parent.nest_parent_ref()?;
+        device.iommufd().check_same(parent.iommufd(), HWPT_ALLOC)?;
+        Ok(AllocTarget { pt_id: parent.id(), parent: Parent::Nest(parent) })
     }
 }

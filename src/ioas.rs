@@ -81,6 +81,15 @@ pub struct IovaRanges {
     pub alignment: u64,
 }
 
+/// A physically contiguous range behind an IOVA, from [`Ioas::noiommu_get_pa`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PhysRange {
+    /// The physical address the queried IOVA maps to.
+    pub phys: u64,
+    /// Bytes from `phys` that are physically contiguous and mapped, at most the length asked for.
+    pub len: u64,
+}
+
 pub(crate) struct IoasInner {
     pub(crate) obj: Object,
     /// IOVA ranges owned by live `Mapping` guards: start -> last.
@@ -459,6 +468,33 @@ impl Ioas {
     /// device is attached.
     pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
         self.iommufd().set_option(sys::IOMMU_OPTION_HUGE_PAGES, self.id(), enabled as u64)
+    }
+
+    /// The physical address behind `iova` and how many bytes from it, up to `max_len`, are physically
+    /// contiguous (`IOMMU_IOAS_NOIOMMU_GET_PA`, Linux 7.3).
+    ///
+    /// This is for devices in VFIO no-IOMMU mode, which DMA to physical addresses without translation:
+    /// the IOAS then only pins pages and records them in a software page table, and the program
+    /// programs the device with what this returns. It works only where that table exists: the kernel
+    /// needs `CONFIG_IOMMUFD_NOIOMMU` (selected by `CONFIG_VFIO_NOIOMMU`; see
+    /// [`Capabilities::noiommu`](crate::Capabilities::noiommu)) and the IOVA must be mapped through a
+    /// no-IOMMU device's domain. Answers: `EOPNOTSUPP` without that option, or when a real IOMMU
+    /// translates the IOVA (the physical address would be meaningless to the device); `EPERM` without
+    /// `CAP_SYS_RAWIO`; `ENOENT` if `iova` is not mapped; `EOVERFLOW` for an IOVA past `ULONG_MAX`.
+    ///
+    /// `max_len` must be non-zero (checked here).
+    pub fn noiommu_get_pa(&self, iova: u64, max_len: u64) -> Result<PhysRange> {
+        if max_len == 0 {
+            return Err(Error::invalid("IOMMU_IOAS_NOIOMMU_GET_PA", "length is zero"));
+        }
+        let mut arg = sys::iommu_ioas_noiommu_get_pa::new();
+        arg.ioas_id = self.id();
+        arg.iova = iova;
+        arg.length = max_len;
+        // SAFETY: IOMMU_IOAS_NOIOMMU_GET_PA takes `iommu_ioas_noiommu_get_pa`, sized by `new()`, with no
+        // pointers; the kernel writes `length` and `out_phys` back through the exclusive borrow.
+        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_NOIOMMU_GET_PA, &mut arg) }?;
+        Ok(PhysRange { phys: arg.out_phys, len: arg.length })
     }
 
     /// Destroys the IOAS now, reporting failure. Refused (with [`Error::InUse`], before any ioctl)

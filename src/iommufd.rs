@@ -2,13 +2,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use iommufd_sys as sys;
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::ioas::Ioas;
 use crate::ioctl::{self, Sized32};
+use crate::probe::Capabilities;
 
 /// The iommufd device node.
 pub const DEV_IOMMU: &str = "/dev/iommu";
@@ -27,6 +28,8 @@ struct Inner {
     fd: OwnedFd,
     /// sysfs names (PCI addresses) of the devices currently bound to this iommufd.
     bound: Mutex<Vec<String>>,
+    /// The first successful [`Iommufd::probe`], for [`Iommufd::capabilities`].
+    caps: OnceLock<Capabilities>,
 }
 
 /// How pinned pages are charged against `RLIMIT_MEMLOCK` (`IOMMU_OPTION_RLIMIT_MODE`).
@@ -76,7 +79,7 @@ impl Iommufd {
     }
 
     fn from_owned(fd: OwnedFd) -> Self {
-        Iommufd { inner: Arc::new(Inner { fd, bound: Mutex::new(Vec::new()) }) }
+        Iommufd { inner: Arc::new(Inner { fd, bound: Mutex::new(Vec::new()), caps: OnceLock::new() }) }
     }
 
     /// Converts into the underlying fd if no object of this iommufd is alive; otherwise returns `self`.
@@ -129,8 +132,8 @@ impl Iommufd {
         }
     }
 
-    /// Sets the rlimit accounting mode. Needs `CAP_SYS_RESOURCE`, and only works before any page is
-    /// pinned through this iommufd (`EBUSY` otherwise).
+    /// Sets the rlimit accounting mode. Needs `CAP_SYS_RESOURCE` (`EPERM` otherwise), and only works
+    /// while this iommufd holds no object at all (`EBUSY` otherwise): set it right after opening.
     pub fn set_rlimit_mode(&self, mode: RlimitMode) -> Result<()> {
         let v = match mode {
             RlimitMode::PerUser => 0,
@@ -151,6 +154,56 @@ impl Iommufd {
     /// than freeing it) and would let a new object reuse the id under the guard.
     pub unsafe fn destroy_raw(&self, id: u32) -> Result<()> {
         ioctl::destroy(self.as_fd(), id)
+    }
+
+    /// What the running kernel supports ([`probe`](Self::probe)), probed on first use and cached.
+    ///
+    /// Code that sends newer structure fields or flags checks here first, so that one binary runs on
+    /// every kernel from 6.6 on and a missing feature is reported as [`Error::Unsupported`] rather than
+    /// as whatever the older kernel answers for the unknown input.
+    pub fn capabilities(&self) -> Result<&Capabilities> {
+        if let Some(caps) = self.inner.caps.get() {
+            return Ok(caps);
+        }
+        let caps = self.probe()?;
+        // A concurrent first call may have won the race with an identical answer; either is fine.
+        Ok(self.inner.caps.get_or_init(|| caps))
+    }
+
+    /// Moves the pinned-page accounting and the source `mm` of every mapping in this iommufd to the
+    /// calling process (`IOMMU_IOAS_CHANGE_PROCESS`, Linux 6.13).
+    ///
+    /// For handing a running device over to another process (userland live update): the new process
+    /// receives the iommufd (and device) fds, then calls this, so that pinned pages are charged to it
+    /// and the old process can exit. It applies to the whole iommufd, every IOAS at once; calling it
+    /// from the process that already owns everything changes nothing and succeeds.
+    ///
+    /// Only mappings made from files ([`Ioas::map_file`](crate::Ioas::map_file)) can move: their pages
+    /// belong to the file, not to the old process's address space. If any other mapping exists
+    /// ([`Ioas::map`](crate::Ioas::map) of a [`DmaBuffer`](crate::DmaBuffer), or
+    /// [`Ioas::map_user`](crate::Ioas::map_user)), the kernel refuses with `EINVAL`; `EBUSY` if a
+    /// mapping is still being set up; `ENOMEM` if the new process's `RLIMIT_MEMLOCK` cannot cover the
+    /// pages. On failure nothing changes.
+    ///
+    /// Pages pinned by a process with `CAP_IPC_LOCK` (root, typically) were never charged: for those
+    /// only the recorded process and `mm` move.
+    pub fn change_process(&self) -> Result<()> {
+        let mut arg = sys::iommu_ioas_change_process::new();
+        // SAFETY: IOMMU_IOAS_CHANGE_PROCESS takes `iommu_ioas_change_process`, sized by `new()`, with no
+        // pointers; the kernel changes accounting only and touches no memory of this process.
+        match unsafe { ioctl::call(self.as_fd(), &ioctl::IOAS_CHANGE_PROCESS, &mut arg) } {
+            Ok(_) => Ok(()),
+            Err(Error::Ioctl { op, errno: errno @ (Errno::INVAL | Errno::BUSY), .. }) => Err(Error::Ioctl {
+                op,
+                errno,
+                hint: Some(if errno == Errno::INVAL {
+                    "a mapping not made from a file exists (only map_file mappings can change process)"
+                } else {
+                    "a mapping is being set up concurrently"
+                }),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) fn register_bound(&self, name: &str) {

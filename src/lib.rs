@@ -76,23 +76,48 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("iommufd binds a Linux kernel interface and builds only for Linux targets");
 
+mod compat;
 mod device;
+mod dirty;
 mod dma;
 mod error;
+mod fault;
 mod hwpt;
 mod ioas;
 mod ioctl;
 mod iommufd;
+mod nested;
 mod object;
+pub mod probe;
+#[cfg(feature = "testing")]
+pub mod testing;
 #[cfg(test)]
 mod tests;
+mod viommu;
 
+pub use compat::VfioCompatIoas;
 pub use device::*;
+pub use dirty::{DirtyBitmap, DirtyRanges};
 pub use dma::{DmaBuffer, FileMemory, Memory, UserMemory, page_size};
 pub use error::{Errno, Error, Result};
-pub use hwpt::{Hwpt, HwptFlags, PageTable};
+#[cfg(feature = "tokio")]
+pub use fault::AsyncFaultQueue;
+pub use fault::{FaultPerm, FaultQueue, PageFault, PageFaultFlags, PageResponse, ResponseCode};
+pub use hwpt::{FaultSource, Hwpt, HwptFlags, HwptKind, NestParent, PageTable};
+pub use ioas::PhysRange;
 pub use ioas::{Access, Ioas, Iova, IovaRange, IovaRanges, Mapping};
 pub use iommufd::{DEV_IOMMU, Iommufd, RlimitMode};
+pub use nested::{
+    AmdGuestDte, ArmSmmuv3Invalidate, ArmSmmuv3Ste, InvalidateEntries, InvalidateError, NestedData,
+    VtdPagingLevels, VtdS1, VtdS1Flags, VtdS1Invalidate,
+};
+pub use probe::{Capabilities, DeviceCapabilities, DeviceIoctl, Ioctl};
+#[cfg(feature = "tokio")]
+pub use viommu::AsyncVeventq;
+pub use viommu::{
+    HwQueue, HwQueueType, LostEvents, Vdevice, Vevent, VeventData, VeventRecord, Veventq, VeventqType,
+    Viommu, ViommuType,
+};
 
 /// Raw bindings, re-exported for the rare field this crate does not type.
 pub use iommufd_sys as sys;

@@ -5,11 +5,13 @@
 //! features. Its IOMMU group is only reported, as an isolation fact ([`BoundDevice::group`]).
 
 mod access;
+mod feature;
 mod group;
 mod hw_info;
 mod pci;
 
 pub use access::*;
+pub use feature::*;
 pub use group::*;
 pub use hw_info::*;
 pub use pci::*;

@@ -29,5 +29,15 @@ compile_error!("iommufd-sys binds a Linux kernel interface and builds only for L
 
 include!("bindings.rs");
 
+/// The kernel's mock IOMMU interface (`CONFIG_IOMMUFD_TEST`): `IOMMU_TEST_CMD`, `struct iommu_test_cmd`
+/// and the mock driver's data types, from `drivers/iommu/iommufd/iommufd_test.h` in the source of the
+/// pinned test kernel (see the header of `testing.rs`). Not a stable uAPI: it changes between kernels.
+#[cfg(feature = "testing")]
+pub mod testing {
+    // Included rather than a module file, like `bindings.rs`, so rustfmt leaves the generated text alone
+    // and `cargo xtask check-sys` compares it byte for byte.
+    include!("testing.rs");
+}
+
 #[cfg(test)]
 mod tests;

@@ -67,8 +67,11 @@ group=$(readlink "/sys/bus/pci/devices/$edu/iommu_group")
 group=${group##*/}
 behind=$(readlink "/sys/bus/pci/devices/$edu/iommu")
 behind=${behind##*/}
+# intel-iommu units are dmarN; a virtio-iommu is named after its PCI function (vendor 0x1af4).
 case "$IOMMUFD_TEST_IOMMU:$behind" in
-intel:dmar* | virtio:virtio*) ;;
+intel:dmar*) ;;
+virtio:*) [ "$(cat "/sys/bus/pci/devices/$behind/vendor" 2>/dev/null)" = 0x1af4 ] ||
+    fail "edu is behind IOMMU '$behind', not a virtio-iommu" ;;
 *) fail "edu is behind IOMMU '$behind', not the $IOMMUFD_TEST_IOMMU IOMMU" ;;
 esac
 

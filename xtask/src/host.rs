@@ -58,9 +58,16 @@ pub fn ensure(what: &str, pkgs: &[Pkg]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let describe = |p: &&Pkg| match p.suite {
-        Some(s) => format!("{} (from {s})", p.name),
-        None => p.name.to_string(),
+    let describe = |p: &&Pkg| {
+        let mut text = p.name.to_string();
+        if let Some(suite) = p.suite {
+            text += &format!(" (from {suite}, version {}*", p.version_prefixes.join("* or "));
+            if let Some(v) = installed_version(p.name) {
+                text += &format!("; {v} is installed");
+            }
+            text += ")";
+        }
+        text
     };
     let names: Vec<String> = missing.iter().map(describe).collect();
     if !is_root() {
@@ -83,7 +90,10 @@ pub fn ensure(what: &str, pkgs: &[Pkg]) -> Result<()> {
     for suite in suites {
         let names: Vec<&str> = missing.iter().filter(|p| p.suite == Some(suite)).map(|p| p.name).collect();
         let opts = private_sources(suite)?;
-        eprintln!("host: apt-get update with {suite} added (private lists under {})", cache_dir().display());
+        eprintln!(
+            "host: apt-get update with {suite} added (private lists under {})",
+            cache_dir().join("apt-host").display()
+        );
         apt_logged(apt_get().args(&opts).arg("update"))?;
         apt_logged(
             apt_get()

@@ -71,6 +71,7 @@ pub fn ensure_kernel() -> Result<PathBuf> {
 
     eprintln!("kernel: configuring (allnoconfig + {} + olddefconfig)", fragment_file.display());
     let log_path = cache_dir().join("kernel/config.log");
+    let _ = std::fs::remove_file(&log_path);
     let config = build.join(".config");
     make(&src, &build, &["allnoconfig"], &log_path)?;
     let merge = Command::new("sh")

@@ -35,9 +35,10 @@ usage: cargo xtask <task>
   gen-sys     regenerate sys/src/bindings.rs from the pinned uAPI headers (needs libclang)
   check-sys   regenerate into the cache and fail if the committed bindings differ (drift check)
   kernel      build (or reuse the cached) test-VM kernel from Debian's pinned linux-source; prints its path
-  vm-test [--iommu intel|virtio] [--timeout SECS] [-- ARGS]
+  vm-test [--iommu intel|virtio] [--timeout SECS] [-v] [-- ARGS]
               run tests/*.rs (and examples/edu_dma) inside QEMU VMs booting that kernel, under intel-iommu
-              then virtio-iommu (or just the one named); ARGS go to every test binary
+              then virtio-iommu (or just the one named); ARGS go to every test binary; -v streams the
+              guest console (always saved to .cache/vm/console-<iommu>.log); default timeout 300 s a VM
   test [--host-only]
               every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
               /dev/iommu are ignored there), then the VM suite (vm-test)

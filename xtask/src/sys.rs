@@ -1,8 +1,18 @@
 //! `cargo xtask gen-sys` / `cargo xtask check-sys`: the pinned bindings generator for `iommufd-sys`.
 //!
-//! The uAPI headers come from Debian's `linux-libc-dev` at one pinned version, downloaded into the cache
-//! (never installed, never committed). bindgen runs with the options recorded in the generated file's
-//! header; a C oracle compiled from the same headers then checks every ioctl request number.
+//! Two generated files, both committed:
+//!
+//! - `sys/src/bindings.rs` from the uAPI headers `linux/iommufd.h` and `linux/vfio.h`, taken from Debian's
+//!   `linux-libc-dev` at one pinned version;
+//! - `sys/src/testing.rs` (the `testing` feature) from `drivers/iommu/iommufd/iommufd_test.h`, the kernel's
+//!   mock IOMMU command interface. It is not an installed uAPI header and changes between kernels, so it is
+//!   taken from the source of the test VM's kernel (Debian's `linux-source-7.3`, the version pinned in
+//!   `kernel.rs`). Only the items that header defines are emitted; what it uses from `linux/iommufd.h`
+//!   refers to the crate root (`use crate::*;`).
+//!
+//! Both packages are downloaded into the cache (never installed, never committed). bindgen runs with the
+//! options recorded in each generated file's header; a C program compiled from the same headers then checks
+//! every integer constant (ioctl request numbers included) and every named struct's size.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::apt::Apt;
+use crate::kernel::{SOURCE_PACKAGE, SOURCE_VERSION};
 use crate::{Result, cache_dir, run, workspace_root};
 
 /// The pinned kernel uAPI: Debian package and version of `linux-libc-dev`.
@@ -23,6 +34,9 @@ pub const BINDGEN_VERSION: &str = "0.73.2";
 /// The headers bound, relative to `usr/include`.
 const HEADERS: &[&str] = &["linux/iommufd.h", "linux/vfio.h"];
 
+/// The mock IOMMU's header, relative to the top of the kernel source tree.
+const TEST_HEADER: &str = "drivers/iommu/iommufd/iommufd_test.h";
+
 /// The bindgen options, recorded verbatim in the generated file.
 const OPTIONS: &[&str] = &[
     "target x86_64-unknown-linux-gnu (the 64-bit layout, identical on aarch64/riscv64/ppc64le/s390x)",
@@ -34,8 +48,25 @@ const OPTIONS: &[&str] = &[
     "kernel-doc comments kept, fenced as ```text so they never run as doctests",
 ];
 
+/// The bindgen options of `testing.rs`, recorded verbatim in that file.
+const TEST_OPTIONS: &[&str] = &[
+    "target x86_64-unknown-linux-gnu (the 64-bit layout, identical on aarch64/riscv64/ppc64le/s390x)",
+    "allowlist_file iommufd_test.h: only the items that header defines",
+    "blocklist_file linux/*, asm/*, asm-generic/*: their items come from the crate root (use crate::*)",
+    "blocklisted __u8..__s64 declared plain integers (derives and Rust unions as for bindings.rs)",
+    "use_core, ctypes_prefix ::core::ffi",
+    "prepend_enum_name(false), default enum style (consts + type alias)",
+    "derive Default, Debug, Copy, Clone; layout tests (compile-time asserts)",
+    "clang_macro_fallback (IOMMU_TEST_CMD from its _IO macro)",
+    "kernel-doc comments kept, fenced as ```text so they never run as doctests",
+];
+
 pub fn generated_path() -> PathBuf {
     workspace_root().join("sys/src/bindings.rs")
+}
+
+pub fn testing_path() -> PathBuf {
+    workspace_root().join("sys/src/testing.rs")
 }
 
 /// Unpacks the pinned headers and returns their `usr/include` directory.
@@ -43,6 +74,36 @@ fn headers() -> Result<PathBuf> {
     let apt = Apt::new()?;
     let dir = apt.unpack(HEADERS_PACKAGE, HEADERS_VERSION, &format!("headers-{HEADERS_VERSION}"))?;
     Ok(dir.join("usr/include"))
+}
+
+/// Extracts [`TEST_HEADER`] alone from the pinned kernel source package (once) and returns the directory
+/// that stands for the top of the source tree (it holds only that file).
+fn test_header_root() -> Result<PathBuf> {
+    let root = cache_dir().join(format!("kernel-test-header-{SOURCE_VERSION}"));
+    let stamp = root.join(".extracted");
+    if stamp.exists() {
+        return Ok(root);
+    }
+    let deb = Apt::new()?.download(SOURCE_PACKAGE, SOURCE_VERSION)?;
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    std::fs::create_dir_all(&root)?;
+    eprintln!("gen-sys: extracting {TEST_HEADER} from {}", deb.display());
+    // The .deb holds usr/src/<package>.tar.xz; stream it out and pick the one member from it.
+    let script = "dpkg-deb --fsys-tarfile \"$1\" | tar -xOf - \"./usr/src/$2.tar.xz\" \
+                  | tar -xJf - -C \"$3\" --strip-components=1 \"$2/$4\"";
+    run(Command::new("bash")
+        .args(["-c", &format!("set -o pipefail; {script}"), "bash"])
+        .arg(&deb)
+        .arg(SOURCE_PACKAGE)
+        .arg(&root)
+        .arg(TEST_HEADER))?;
+    if !root.join(TEST_HEADER).exists() {
+        return Err(format!("{} has no {SOURCE_PACKAGE}/{TEST_HEADER}", deb.display()).into());
+    }
+    std::fs::write(&stamp, format!("{SOURCE_PACKAGE} {SOURCE_VERSION}\n"))?;
+    Ok(root)
 }
 
 #[derive(Debug)]
@@ -60,24 +121,39 @@ impl bindgen::callbacks::ParseCallbacks for FenceComments {
     }
 }
 
-/// Runs bindgen and returns the generated source (with our header).
-fn generate(include: &Path) -> Result<String> {
-    let asm_include = include.join("x86_64-linux-gnu");
+/// The blocklisted `linux/types.h` integers that `testing.rs` takes from the crate root are plain
+/// integers: telling bindgen so lets it derive `Copy`, `Debug`, `Default` and the rest for the structs
+/// that contain them (it assumes nothing of a blocklisted type), and emit C unions as Rust unions.
+#[derive(Debug)]
+struct PlainIntegers;
+
+impl bindgen::callbacks::ParseCallbacks for PlainIntegers {
+    fn blocklisted_type_implements_trait(
+        &self,
+        name: &str,
+        _derive_trait: bindgen::callbacks::DeriveTrait,
+    ) -> Option<bindgen::callbacks::ImplementsTrait> {
+        let bits = name.strip_prefix("__u").or_else(|| name.strip_prefix("__s"))?;
+        matches!(bits, "8" | "16" | "32" | "64").then_some(bindgen::callbacks::ImplementsTrait::Yes)
+    }
+}
+
+/// Writes a wrapper header including `includes` (clang_macro_fallback needs a real file, not in-memory
+/// contents) and returns a builder with the options both generated files share.
+fn builder(name: &str, includes: &[&str], dirs: &[&Path]) -> Result<bindgen::Builder> {
     let fallback_dir = cache_dir().join("bindgen-macro-fallback");
     std::fs::create_dir_all(&fallback_dir)?;
-    let wrapper: String = HEADERS.iter().map(|h| format!("#include <{h}>\n")).collect();
-    // clang_macro_fallback needs the wrapper as a real file, not in-memory contents.
-    let wrapper_path = fallback_dir.join("iommufd-sys-wrapper.h");
+    let wrapper: String = includes.iter().map(|h| format!("#include <{h}>\n")).collect();
+    let wrapper_path = fallback_dir.join(name);
     std::fs::write(&wrapper_path, &wrapper)?;
-    let bindings = bindgen::Builder::default()
+    let mut builder = bindgen::Builder::default()
         .header(wrapper_path.to_str().ok_or("non-UTF-8 cache path")?)
         .clang_arg("--target=x86_64-unknown-linux-gnu")
-        .clang_arg("-nostdinc")
-        .clang_arg(format!("-I{}", include.display()))
-        .clang_arg(format!("-I{}", asm_include.display()))
-        .allowlist_type("(iommu|iommufd|vfio)_.*")
-        .allowlist_var("(IOMMU|IOMMUFD|VFIO)_.*")
-        .allowlist_type("(IOMMU|IOMMUFD|VFIO)_.*")
+        .clang_arg("-nostdinc");
+    for dir in dirs {
+        builder = builder.clang_arg(format!("-I{}", dir.display()));
+    }
+    Ok(builder
         .use_core()
         .ctypes_prefix("::core::ffi")
         .prepend_enum_name(false)
@@ -89,7 +165,16 @@ fn generate(include: &Path) -> Result<String> {
         .clang_macro_fallback()
         .clang_macro_fallback_build_dir(&fallback_dir)
         .parse_callbacks(Box::new(FenceComments))
-        .formatter(bindgen::Formatter::Prettyplease)
+        .formatter(bindgen::Formatter::Prettyplease))
+}
+
+/// Runs bindgen for `bindings.rs` and returns the generated source (with our header).
+fn generate(include: &Path) -> Result<String> {
+    let asm_include = include.join("x86_64-linux-gnu");
+    let bindings = builder("iommufd-sys-wrapper.h", HEADERS, &[include, &asm_include])?
+        .allowlist_type("(iommu|iommufd|vfio)_.*")
+        .allowlist_var("(IOMMU|IOMMUFD|VFIO)_.*")
+        .allowlist_type("(IOMMU|IOMMUFD|VFIO)_.*")
         .generate()
         .map_err(|e| format!("bindgen failed: {e}"))?;
     let mut out = String::new();
@@ -107,12 +192,48 @@ fn generate(include: &Path) -> Result<String> {
     Ok(out)
 }
 
-/// Every `#define NAME _IO(...)` in the bound headers: the ioctl request numbers that must be present.
-fn ioctl_macros(include: &Path) -> Result<Vec<String>> {
+/// Runs bindgen for `testing.rs` and returns the generated source (with our header).
+fn generate_testing(include: &Path, source: &Path) -> Result<String> {
+    let asm_include = include.join("x86_64-linux-gnu");
+    let bindings =
+        builder("iommufd-sys-testing-wrapper.h", &[TEST_HEADER], &[source, include, &asm_include])?
+            .allowlist_file(".*/iommufd_test\\.h")
+            .blocklist_file(".*/(linux|asm|asm-generic)/.*")
+            .raw_line("use crate::*;")
+            .parse_callbacks(Box::new(PlainIntegers))
+            .generate()
+            .map_err(|e| format!("bindgen failed on {TEST_HEADER}: {e}"))?;
+    let mut out = String::new();
+    writeln!(out, "// Generated by `cargo xtask gen-sys`. Do not edit: regenerate instead.")?;
+    writeln!(out, "//")?;
+    writeln!(
+        out,
+        "// The kernel's mock IOMMU interface (CONFIG_IOMMUFD_TEST). Not an installed uAPI header: it"
+    )?;
+    writeln!(out, "// changes between kernels, and this file is pinned to the test VM's kernel.")?;
+    writeln!(out, "//")?;
+    writeln!(out, "// kernel:      Linux {KERNEL_VERSION}")?;
+    writeln!(out, "// source:      Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")?;
+    writeln!(out, "// file:        {TEST_HEADER}")?;
+    writeln!(
+        out,
+        "// includes:    linux/iommufd.h from Debian {HEADERS_PACKAGE} {HEADERS_VERSION} (bindings.rs)"
+    )?;
+    writeln!(out, "// bindgen:     {BINDGEN_VERSION}")?;
+    for o in TEST_OPTIONS {
+        writeln!(out, "// option:      {o}")?;
+    }
+    writeln!(out)?;
+    out.push_str(&bindings.to_string());
+    Ok(out)
+}
+
+/// Every `#define NAME _IO(...)` in `files`: the ioctl request numbers that must be present.
+fn ioctl_macros(files: &[PathBuf]) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for h in HEADERS {
+    for file in files {
         // Join backslash-continued lines: some defines wrap before `_IO(`.
-        let text = std::fs::read_to_string(include.join(h))?.replace("\\\n", " ");
+        let text = std::fs::read_to_string(file)?.replace("\\\n", " ");
         for line in text.lines() {
             let mut words = line.split_whitespace();
             if words.next() != Some("#define") {
@@ -152,40 +273,88 @@ fn rust_consts(src: &str) -> BTreeMap<String, u64> {
     map
 }
 
-/// Compiles a C program from the same headers printing every constant, and compares.
-fn c_oracle(include: &Path, consts: &BTreeMap<String, u64>, ioctls: &[String]) -> Result<usize> {
+/// The size bindgen's layout assertions give every named C struct or union in generated source, keyed
+/// by the C type (`struct NAME`/`union NAME`). bindgen's own names for anonymous members are skipped.
+fn rust_sizes(src: &str) -> BTreeMap<String, u64> {
+    let mut kinds = BTreeMap::new();
+    for line in src.lines() {
+        for kind in ["struct", "union"] {
+            let Some(rest) = line.strip_prefix(&format!("pub {kind} ")) else { continue };
+            let name = rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("");
+            if !name.is_empty() && !name.starts_with('_') && !name.contains("__bindgen") {
+                kinds.insert(name.to_string(), kind);
+            }
+        }
+    }
+    let mut sizes = BTreeMap::new();
+    // `["Size of NAME"][::core::mem::size_of::<NAME>() - 72usize];`, possibly wrapped over lines.
+    for (name, kind) in &kinds {
+        let pattern = format!("::core::mem::size_of::<{name}>() - ");
+        let Some(at) = src.find(&pattern) else { continue };
+        let rest = &src[at + pattern.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(size) = digits.parse::<u64>() {
+            sizes.insert(format!("{kind} {name}"), size);
+        }
+    }
+    sizes
+}
+
+/// What a C oracle checks: the generated constants and type sizes against `includes`.
+struct Oracle<'a> {
+    name: &'a str,
+    includes: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+/// Compiles a C program from the same headers printing every constant and size, and compares.
+/// Returns (constants checked, sizes checked).
+fn c_oracle(oracle: &Oracle<'_>, src: &str, ioctls: &[String]) -> Result<(usize, usize)> {
+    let consts = rust_consts(src);
+    let sizes = rust_sizes(src);
     let dir = cache_dir().join("oracle");
     std::fs::create_dir_all(&dir)?;
     let mut c = String::new();
     c.push_str("#include <stdio.h>\n");
-    for h in HEADERS {
+    for h in &oracle.includes {
         writeln!(c, "#include <{h}>")?;
     }
     c.push_str("int main(void) {\n");
     for name in consts.keys() {
         writeln!(c, "  printf(\"%s %llu\\n\", \"{name}\", (unsigned long long)({name}));")?;
     }
+    for ty in sizes.keys() {
+        writeln!(c, "  printf(\"sizeof(%s) %llu\\n\", \"{ty}\", (unsigned long long)sizeof({ty}));")?;
+    }
     c.push_str("  return 0;\n}\n");
-    let src = dir.join("oracle.c");
-    let bin = dir.join("oracle");
-    std::fs::write(&src, c)?;
+    let c_path = dir.join(format!("{}.c", oracle.name));
+    let bin = dir.join(oracle.name);
+    std::fs::write(&c_path, c)?;
     // The program's own <stdio.h> comes from the host; the uAPI headers from the pinned package first.
-    run(Command::new("cc")
-        .arg("-o")
-        .arg(&bin)
-        .arg(format!("-I{}", include.display()))
-        .arg(format!("-I{}", include.join("x86_64-linux-gnu").display()))
-        .arg(&src))?;
+    let mut cc = Command::new("cc");
+    cc.arg("-o").arg(&bin);
+    for d in &oracle.dirs {
+        cc.arg(format!("-I{}", d.display()));
+    }
+    run(cc.arg(&c_path))?;
     let out = Command::new(&bin).output()?;
     if !out.status.success() {
-        return Err("C oracle failed to run".into());
+        return Err(format!("C oracle {} failed to run", oracle.name).into());
     }
     let text = String::from_utf8(out.stdout)?;
-    let mut checked = 0;
+    let (mut checked, mut sized) = (0, 0);
     let mut bad = Vec::new();
     for line in text.lines() {
-        let (name, value) = line.split_once(' ').ok_or("bad oracle line")?;
+        let (name, value) = line.rsplit_once(' ').ok_or("bad oracle line")?;
         let c_value: u64 = value.parse()?;
+        if let Some(ty) = name.strip_prefix("sizeof(").and_then(|n| n.strip_suffix(')')) {
+            let rust = sizes[ty];
+            if rust != c_value {
+                bad.push(format!("sizeof({ty}): rust {rust} != C {c_value}"));
+            }
+            sized += 1;
+            continue;
+        }
         let rust = consts[name];
         // A C `int` expression such as `(1 << 31)` sign-extends when widened; bindgen types it u32.
         let c_int_widened = c_value >> 32 == 0xffff_ffff && rust == c_value & 0xffff_ffff;
@@ -196,52 +365,97 @@ fn c_oracle(include: &Path, consts: &BTreeMap<String, u64>, ioctls: &[String]) -
     }
     let missing: Vec<_> = ioctls.iter().filter(|n| !consts.contains_key(*n)).collect();
     if !missing.is_empty() {
-        return Err(format!("ioctl request numbers missing from bindings: {missing:?}").into());
+        return Err(format!("ioctl request numbers missing from {}: {missing:?}", oracle.name).into());
     }
     if !bad.is_empty() {
-        return Err(format!("constants differ from the C oracle:\n{}", bad.join("\n")).into());
+        return Err(format!("{} differs from the C oracle:\n{}", oracle.name, bad.join("\n")).into());
     }
-    Ok(checked)
+    Ok((checked, sized))
 }
 
-fn generate_checked() -> Result<String> {
-    // bindgen loads libclang at run time; the C oracle needs a C compiler.
+/// Both generated files, checked: (bindings.rs, testing.rs).
+fn generate_checked() -> Result<(String, String)> {
+    // bindgen loads libclang at run time; the C oracle needs a C compiler; the mock IOMMU's header
+    // comes out of an xz tarball.
     crate::host::ensure(
         "the bindings generator",
-        &[crate::host::Pkg::plain("libclang-dev"), crate::host::Pkg::plain("gcc")],
+        &[
+            crate::host::Pkg::plain("libclang-dev"),
+            crate::host::Pkg::plain("gcc"),
+            crate::host::Pkg::plain("xz-utils"),
+        ],
     )?;
     let include = headers()?;
+    let asm_include = include.join("x86_64-linux-gnu");
+
     let src = generate(&include)?;
-    let ioctls = ioctl_macros(&include)?;
-    let consts = rust_consts(&src);
-    let checked = c_oracle(&include, &consts, &ioctls)?;
+    let ioctls = ioctl_macros(&HEADERS.iter().map(|h| include.join(h)).collect::<Vec<_>>())?;
+    let oracle = Oracle {
+        name: "bindings",
+        includes: HEADERS.iter().map(|h| h.to_string()).collect(),
+        dirs: vec![include.clone(), asm_include.clone()],
+    };
+    let (checked, sized) = c_oracle(&oracle, &src, &ioctls)?;
     let iommu = ioctls.iter().filter(|n| n.starts_with("IOMMU_")).count();
     eprintln!(
-        "gen-sys: {} ioctl request numbers ({iommu} IOMMU_*), {checked} constants equal to the C oracle",
+        "gen-sys: bindings.rs: {} ioctl request numbers ({iommu} IOMMU_*), {checked} constants and {sized} \
+         struct sizes equal to the C oracle",
         ioctls.len()
     );
     if iommu != 22 {
         return Err(format!("expected 22 IOMMU_* ioctls in {KERNEL_VERSION}, found {iommu}").into());
     }
-    Ok(src)
+
+    let source = test_header_root()?;
+    let testing = generate_testing(&include, &source)?;
+    let ioctls = ioctl_macros(&[source.join(TEST_HEADER)])?;
+    let oracle = Oracle {
+        name: "testing",
+        includes: vec!["linux/iommufd.h".to_string(), TEST_HEADER.to_string()],
+        dirs: vec![source.clone(), include.clone(), asm_include],
+    };
+    let (checked, sized) = c_oracle(&oracle, &testing, &ioctls)?;
+    eprintln!(
+        "gen-sys: testing.rs: {} ioctl request number(s), {checked} constants and {sized} struct sizes equal \
+         to the C oracle",
+        ioctls.len()
+    );
+    if ioctls != ["IOMMU_TEST_CMD"] {
+        return Err(format!("expected IOMMU_TEST_CMD alone in {TEST_HEADER}, found {ioctls:?}").into());
+    }
+    Ok((src, testing))
 }
 
 pub fn gen_sys() -> Result<()> {
-    let src = generate_checked()?;
-    std::fs::write(generated_path(), src)?;
-    eprintln!("gen-sys: wrote {}", generated_path().display());
+    let (bindings, testing) = generate_checked()?;
+    for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
+        std::fs::write(&path, src)?;
+        eprintln!("gen-sys: wrote {}", path.display());
+    }
     Ok(())
 }
 
 pub fn check_sys() -> Result<()> {
-    let src = generate_checked()?;
-    let committed = std::fs::read_to_string(generated_path())?;
-    if committed != src {
-        let fresh = cache_dir().join("bindings.fresh.rs");
-        std::fs::write(&fresh, &src)?;
-        let _ = Command::new("diff").arg("-u").arg(generated_path()).arg(&fresh).status();
-        return Err("sys/src/bindings.rs differs from a fresh generation: run `cargo xtask gen-sys`".into());
+    let (bindings, testing) = generate_checked()?;
+    let mut stale = Vec::new();
+    for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        if committed != src {
+            let fresh = cache_dir().join(format!("{name}.fresh"));
+            std::fs::write(&fresh, &src)?;
+            let _ = Command::new("diff").arg("-u").arg(&path).arg(&fresh).status();
+            stale.push(format!("sys/src/{name}"));
+        } else {
+            eprintln!("check-sys: sys/src/{name} matches a fresh generation");
+        }
     }
-    eprintln!("check-sys: sys/src/bindings.rs matches a fresh generation");
+    if !stale.is_empty() {
+        return Err(format!(
+            "{} differ(s) from a fresh generation: run `cargo xtask gen-sys`",
+            stale.join(", ")
+        )
+        .into());
+    }
     Ok(())
 }

@@ -1,0 +1,799 @@
+//! Device features (`VFIO_DEVICE_FEATURE`, Linux 5.7) and PCI hot reset.
+//!
+//! - [`BoundDevice::feature_probe`]: which [`DeviceFeature`]s the device's driver implements;
+//! - [`BoundDevice::set_bus_master_feature`], for `VFIO_DEVICE_FEATURE_BUS_MASTER`;
+//! - [`BoundDevice::dma_logging_start`] and the [`DmaLog`] guard: device-side dirty tracking for
+//!   migration (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`/`STOP`/`REPORT`);
+//! - [`BoundDevice::export_dma_buf`]: a BAR range as a [`DmaBuf`] (`VFIO_DEVICE_FEATURE_DMA_BUF`), which
+//!   [`Ioas::map_file`](crate::Ioas::map_file) maps for peer-to-peer DMA;
+//! - [`BoundDevice::hot_reset_info`] and [`BoundDevice::hot_reset`]: PCI bus/slot reset in the iommufd
+//!   ("dev id") flavour of `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` and `VFIO_DEVICE_PCI_HOT_RESET`.
+
+use std::ffi::c_int;
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use iommufd_sys as sys;
+
+use super::{BoundDevice, DeviceInner, PciAddress};
+use crate::error::{Errno, Error, Result};
+use crate::ioas::IovaRange;
+use crate::ioctl::{self, Sized32};
+
+/// A device feature: the 16-bit index `VFIO_DEVICE_FEATURE` selects (`VFIO_DEVICE_FEATURE_*`).
+///
+/// The constants name those of Linux 7.3; [`DeviceFeature::new`] makes any other index.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceFeature(u16);
+
+macro_rules! features {
+    ($($(#[$m:meta])* $konst:ident = $sys:ident, $since:expr;)*) => {
+        impl DeviceFeature {
+            $($(#[$m])* pub const $konst: DeviceFeature = DeviceFeature(sys::$sys as u16);)*
+
+            /// Every feature Linux 7.3 defines, by index.
+            pub const ALL: &'static [DeviceFeature] = &[$(DeviceFeature::$konst),*];
+
+            /// The kernel's name (`VFIO_DEVICE_FEATURE_DMA_BUF`), or `VFIO_DEVICE_FEATURE` for an index
+            /// this crate does not know.
+            pub fn name(self) -> &'static str {
+                $(if self == DeviceFeature::$konst { return stringify!($sys); })*
+                "VFIO_DEVICE_FEATURE"
+            }
+
+            /// The first Linux release that defines it, when recorded here.
+            pub fn since(self) -> Option<&'static str> {
+                $(if self == DeviceFeature::$konst { return $since; })*
+                None
+            }
+        }
+    };
+}
+
+features! {
+    /// Set the VF token (a UUID shared by a PF's and its VFs' users) on a PF (5.7).
+    PCI_VF_TOKEN = VFIO_DEVICE_FEATURE_PCI_VF_TOKEN, Some("5.7");
+    /// Migration support flags (5.18).
+    MIGRATION = VFIO_DEVICE_FEATURE_MIGRATION, Some("5.18");
+    /// Migration state machine (5.18).
+    MIG_DEVICE_STATE = VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, Some("5.18");
+    /// Runtime low-power entry (6.0).
+    LOW_POWER_ENTRY = VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY, Some("6.0");
+    /// Runtime low-power entry with a wakeup eventfd (6.0).
+    LOW_POWER_ENTRY_WITH_WAKEUP = VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP, Some("6.0");
+    /// Runtime low-power exit (6.0).
+    LOW_POWER_EXIT = VFIO_DEVICE_FEATURE_LOW_POWER_EXIT, Some("6.0");
+    /// Start device-side DMA logging (6.2).
+    DMA_LOGGING_START = VFIO_DEVICE_FEATURE_DMA_LOGGING_START, Some("6.2");
+    /// Stop device-side DMA logging (6.2).
+    DMA_LOGGING_STOP = VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, Some("6.2");
+    /// Read and clear the DMA log (6.2).
+    DMA_LOGGING_REPORT = VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, Some("6.2");
+    /// Estimated stop-copy migration data size (6.2).
+    MIG_DATA_SIZE = VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, Some("6.2");
+    /// Bus mastering for devices without an in-band control (vfio-cdx only; 6.7).
+    BUS_MASTER = VFIO_DEVICE_FEATURE_BUS_MASTER, Some("6.7");
+    /// Export MMIO ranges as a dma-buf (6.19).
+    DMA_BUF = VFIO_DEVICE_FEATURE_DMA_BUF, Some("6.19");
+    /// Version 2 of the pre-copy info (after 6.19).
+    MIG_PRECOPY_INFO_V2 = VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, None;
+    /// s390 zPCI error information (after 6.19).
+    ZPCI_ERROR = VFIO_DEVICE_FEATURE_ZPCI_ERROR, None;
+}
+
+impl DeviceFeature {
+    /// The feature with index `index`.
+    pub const fn new(index: u16) -> DeviceFeature {
+        DeviceFeature(index)
+    }
+
+    /// The feature's index.
+    pub const fn index(self) -> u16 {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for DeviceFeature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.name() {
+            "VFIO_DEVICE_FEATURE" => write!(f, "DeviceFeature({})", self.0),
+            name => f.write_str(name),
+        }
+    }
+}
+
+bitflags::bitflags! {
+    /// How a feature can be used: read (`GET`) and/or written (`SET`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct FeatureOps: u32 {
+        /// `VFIO_DEVICE_FEATURE_GET`.
+        const GET = sys::VFIO_DEVICE_FEATURE_GET;
+        /// `VFIO_DEVICE_FEATURE_SET`.
+        const SET = sys::VFIO_DEVICE_FEATURE_SET;
+    }
+}
+
+/// `struct vfio_device_feature` with its payload `D` in place of the flexible `data[]`.
+#[repr(C)]
+struct FeatureArg<D> {
+    argsz: u32,
+    flags: u32,
+    data: D,
+}
+
+// The payload starts where `vfio_device_feature.data` does, for every payload alignment used here.
+const _: () = {
+    assert!(
+        std::mem::offset_of!(FeatureArg<()>, data) == std::mem::offset_of!(sys::vfio_device_feature, data)
+    );
+    assert!(
+        std::mem::offset_of!(FeatureArg<u32>, data) == std::mem::offset_of!(sys::vfio_device_feature, data)
+    );
+    assert!(
+        std::mem::offset_of!(FeatureArg<u64>, data) == std::mem::offset_of!(sys::vfio_device_feature, data)
+    );
+    assert!(size_of::<FeatureArg<()>>() == size_of::<sys::vfio_device_feature>());
+};
+
+fn feature_hint(feature: DeviceFeature) -> &'static str {
+    match feature {
+        DeviceFeature::DMA_BUF => {
+            "the driver does not export dma-bufs (vfio-pci needs CONFIG_VFIO_PCI_DMABUF: PCI_P2PDMA and DMA_SHARED_BUFFER)"
+        }
+        DeviceFeature::BUS_MASTER => {
+            "only vfio-cdx implements it; PCI devices control bus mastering in config space (set_bus_master)"
+        }
+        DeviceFeature::DMA_LOGGING_START
+        | DeviceFeature::DMA_LOGGING_STOP
+        | DeviceFeature::DMA_LOGGING_REPORT => {
+            "the driver has no DMA logging (a migration-capable variant driver such as mlx5-vfio-pci does)"
+        }
+        _ => "the device's VFIO driver does not implement this feature",
+    }
+}
+
+/// Renames a `VFIO_DEVICE_FEATURE` failure after the feature. `ENOTTY` here means the driver lacks the
+/// feature (the ioctl itself is in every kernel with cdevs), so it is not [`Error::Unsupported`].
+fn feature_error(feature: DeviceFeature, e: Error) -> Error {
+    match e.errno() {
+        Some(Errno::NOTTY) => {
+            Error::Ioctl { op: feature.name(), errno: Errno::NOTTY, hint: Some(feature_hint(feature)) }
+        }
+        Some(errno) => Error::Ioctl { op: feature.name(), errno, hint: None },
+        None => e,
+    }
+}
+
+/// Issues `VFIO_DEVICE_FEATURE` for `feature` with `flags` (GET/SET/PROBE) and payload `data`; returns
+/// the ioctl's result and the payload as the kernel left it.
+///
+/// # Safety
+///
+/// `D` must be the payload structure the kernel reads (and writes) for `feature` with `flags`, and
+/// every user pointer inside `data` must be valid for the kernel's reads and writes through it for the
+/// duration of the call.
+unsafe fn feature_call<D: Copy>(
+    fd: BorrowedFd<'_>,
+    feature: DeviceFeature,
+    flags: u32,
+    data: D,
+) -> Result<(c_int, D)> {
+    let mut arg =
+        FeatureArg { argsz: size_of::<FeatureArg<D>>() as u32, flags: flags | u32::from(feature.0), data };
+    // SAFETY: `FeatureArg<D>` is `vfio_device_feature` (argsz, flags) followed by the payload at the
+    // offset of its `data[]` (checked at compile time above), with `argsz` covering exactly header and
+    // payload; that `D` is the payload for this feature and its pointers are valid is this function's
+    // contract.
+    let r = unsafe { ioctl::call(fd, &ioctl::DEVICE_FEATURE, &mut arg) };
+    r.map(|n| (n, arg.data)).map_err(|e| feature_error(feature, e))
+}
+
+/// `VFIO_DEVICE_FEATURE_PROBE` of `feature` with `ops` (0, GET or SET): the kernel's raw answer.
+fn feature_probe_raw(fd: BorrowedFd<'_>, feature: DeviceFeature, ops: u32) -> Result<()> {
+    // SAFETY: a probe carries no payload (the kernel checks only the flags and returns before reading
+    // any data); `()` adds none.
+    unsafe { feature_call(fd, feature, sys::VFIO_DEVICE_FEATURE_PROBE | ops, ()) }.map(drop)
+}
+
+impl BoundDevice {
+    /// How `feature` is supported (`VFIO_DEVICE_FEATURE` with `VFIO_DEVICE_FEATURE_PROBE`, Linux 5.7):
+    /// [`FeatureOps::GET`] and/or [`FeatureOps::SET`], or empty if the device's driver does not
+    /// implement it.
+    ///
+    /// The kernel answers an unimplemented feature with `ENOTTY` (or `EOPNOTSUPP`/`EINVAL` for some
+    /// that depend on the device, such as `DMA_BUF` in variant drivers without it); all three read as
+    /// empty here. Probing is a pure query by the uAPI's definition.
+    pub fn feature_probe(&self, feature: DeviceFeature) -> Result<FeatureOps> {
+        let probe = |ops: u32| -> Result<bool> {
+            match feature_probe_raw(self.as_fd(), feature, ops) {
+                Ok(()) => Ok(true),
+                Err(e) if matches!(e.errno(), Some(Errno::NOTTY | Errno::OPNOTSUPP | Errno::INVAL)) => {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        if !probe(0)? {
+            return Ok(FeatureOps::empty());
+        }
+        let mut ops = FeatureOps::empty();
+        if probe(sys::VFIO_DEVICE_FEATURE_GET)? {
+            ops |= FeatureOps::GET;
+        }
+        if probe(sys::VFIO_DEVICE_FEATURE_SET)? {
+            ops |= FeatureOps::SET;
+        }
+        Ok(ops)
+    }
+}
+
+impl BoundDevice {
+    /// Turns bus mastering on or off through `VFIO_DEVICE_FEATURE_BUS_MASTER` (Linux 6.7).
+    ///
+    /// Only vfio-cdx implements this feature: vfio-pci answers `ENOTTY` (PCI devices control bus
+    /// mastering through config space; use [`set_bus_master`](Self::set_bus_master) for them).
+    pub fn set_bus_master_feature(&self, enable: bool) -> Result<()> {
+        let op =
+            if enable { sys::VFIO_DEVICE_FEATURE_SET_MASTER } else { sys::VFIO_DEVICE_FEATURE_CLEAR_MASTER };
+        let data = sys::vfio_device_feature_bus_master { op };
+        // SAFETY: BUS_MASTER with SET takes `vfio_device_feature_bus_master`, which holds no pointers.
+        unsafe { feature_call(self.as_fd(), DeviceFeature::BUS_MASTER, sys::VFIO_DEVICE_FEATURE_SET, data) }
+            .map(drop)
+    }
+
+    /// Starts device-side DMA logging of `ranges` (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`, Linux 6.2):
+    /// the device records which pages it writes, for the pre-copy phase of live migration. `page_size`
+    /// is a hint (a power of two); the returned [`DmaLog`] tells what the driver chose, reads the log,
+    /// and stops logging when dropped.
+    ///
+    /// Ranges must be non-empty, aligned to `page_size` and must not overlap (checked here). Only
+    /// migration-capable variant drivers implement this; others answer `ENOTTY`. One log at a time
+    /// (`EBUSY`, or a driver error, for a second start).
+    pub fn dma_logging_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<DmaLog> {
+        let feature = DeviceFeature::DMA_LOGGING_START;
+        let raw = logging_ranges(feature.name(), page_size, ranges)?;
+        let data = sys::vfio_device_feature_dma_logging_control {
+            page_size,
+            num_ranges: raw.len() as u32,
+            __reserved: 0,
+            ranges: raw.as_ptr() as u64,
+        };
+        // SAFETY: DMA_LOGGING_START with SET takes `vfio_device_feature_dma_logging_control`; `ranges`
+        // points at `num_ranges` readable entries owned by `raw`, alive until the call returns. The
+        // kernel writes the chosen page size back into the control structure (the payload).
+        let (_, data) = unsafe { feature_call(self.as_fd(), feature, sys::VFIO_DEVICE_FEATURE_SET, data) }?;
+        Ok(DmaLog { dev: Some(self.inner.clone()), page_size: data.page_size })
+    }
+
+    /// Exports `ranges` of region `index` (for vfio-pci, a BAR number) as a dma-buf
+    /// (`VFIO_DEVICE_FEATURE_DMA_BUF`, Linux 6.19). Map it into an IOAS with
+    /// [`Ioas::map_file`](crate::Ioas::map_file) (offset 0, the dma-buf's [`len`](DmaBuf::len)) to let
+    /// other devices reach this device's MMIO peer to peer; iommufd accepts single-range dma-bufs only.
+    ///
+    /// Offsets and lengths must be page-aligned and non-zero (checked here). The kernel revokes the
+    /// dma-buf (and iommufd unmaps it) while the device's memory is disabled or reset, and for good
+    /// when the device is closed. The fd cannot be `mmap`-ed.
+    ///
+    /// vfio-pci has this feature only when built with `CONFIG_VFIO_PCI_DMABUF` (which needs
+    /// `CONFIG_PCI_P2PDMA` and `CONFIG_DMA_SHARED_BUFFER`); otherwise `ENOTTY`. A BAR index past the
+    /// BARs, or a BAR vfio-pci has not claimed, gives `ENODEV`; a range outside the BAR `EINVAL`.
+    pub fn export_dma_buf(&self, index: u32, ranges: &[RegionRange]) -> Result<DmaBuf> {
+        let feature = DeviceFeature::DMA_BUF;
+        let (mut buf, len) = dma_buf_arg(feature.name(), index, ranges)?;
+        // SAFETY: `buf` is `vfio_device_feature` + `vfio_device_feature_dma_buf` + `nr_ranges`
+        // `vfio_region_dma_range`s laid out by `dma_buf_arg`, with `argsz` its exact byte length; it
+        // holds no pointers (the ranges are inline).
+        let r = unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_FEATURE, &mut buf) };
+        let fd = r.map_err(|e| feature_error(feature, e))?;
+        // SAFETY: on success DMA_BUF returns a new file descriptor for the dma-buf, installed in this
+        // process's table by the call and owned by nothing else yet.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(DmaBuf { fd, index, len })
+    }
+
+    /// Which devices a PCI hot reset of this device would also reset, and whether this iommufd owns
+    /// them all (`VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`; the dev-id flavour, for cdevs, since Linux 6.6).
+    ///
+    /// `ENODEV` means the device can be reset neither through its slot nor its bus: for example a
+    /// device on a root bus (no bridge above it to reset) and not in a hotplug slot.
+    pub fn hot_reset_info(&self) -> Result<HotResetInfo> {
+        let header = size_of::<sys::vfio_pci_hot_reset_info>() / 4;
+        let entry = size_of::<sys::vfio_pci_dependent_device>() / 4;
+        let mut capacity = 8usize;
+        for _ in 0..4 {
+            let mut buf = vec![0u32; header + capacity * entry];
+            buf[0] = (buf.len() * 4) as u32;
+            // SAFETY: `buf` starts with `vfio_pci_hot_reset_info` with `argsz` its byte length, followed
+            // by room for `capacity` `vfio_pci_dependent_device`s; it holds no pointers. The kernel
+            // writes the header and at most as many entries as fit in `argsz`.
+            let r = unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_GET_PCI_HOT_RESET_INFO, &mut buf) };
+            match r {
+                Ok(_) => return parse_hot_reset_info(&buf),
+                // Too small: the kernel wrote the count it needs into the header.
+                Err(e) if e.errno() == Some(Errno::NOSPC) && buf[2] as usize > capacity => {
+                    capacity = buf[2] as usize
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Protocol {
+            op: ioctl::DEVICE_GET_PCI_HOT_RESET_INFO.name,
+            detail: "the count kept growing".into(),
+        })
+    }
+
+    /// Resets the bus or slot the device is on (`VFIO_DEVICE_PCI_HOT_RESET` with no group fds: the
+    /// iommufd flavour for cdevs, Linux 6.6). Every affected device must be bound to a VFIO driver and
+    /// owned by this device's iommufd (bound to it, or in an IOMMU group that is): see
+    /// [`hot_reset_info`](Self::hot_reset_info). Otherwise `EINVAL`; `ENODEV` if the device cannot be
+    /// hot reset at all.
+    ///
+    /// Like [`reset`](Self::reset), this loses interrupt configuration and bus mastering, on every
+    /// affected device.
+    pub fn hot_reset(&self) -> Result<()> {
+        let mut arg = sys::vfio_pci_hot_reset::new();
+        // SAFETY: VFIO_DEVICE_PCI_HOT_RESET takes `vfio_pci_hot_reset`, whose `argsz` `new()` sets to
+        // its 12-byte header; with `count` 0 the kernel reads no group fds past it and writes nothing.
+        unsafe { ioctl::call(self.as_fd(), &ioctl::DEVICE_PCI_HOT_RESET, &mut arg) }.map(drop)
+    }
+}
+
+/// Checks DMA logging ranges and converts them to the kernel's form.
+fn logging_ranges(
+    op: &'static str,
+    page_size: u64,
+    ranges: &[IovaRange],
+) -> Result<Vec<sys::vfio_device_feature_dma_logging_range>> {
+    if !page_size.is_power_of_two() {
+        return Err(Error::invalid(op, format!("page size {page_size:#x} is not a power of two")));
+    }
+    if ranges.is_empty() {
+        return Err(Error::invalid(op, "no ranges"));
+    }
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    for pair in sorted.windows(2) {
+        if pair[0].overlaps(&pair[1]) {
+            return Err(Error::invalid(op, format!("ranges {:?} and {:?} overlap", pair[0], pair[1])));
+        }
+    }
+    ranges
+        .iter()
+        .map(|r| {
+            let length = (r.last - r.start).checked_add(1).filter(|_| r.start <= r.last);
+            match length {
+                Some(length) if r.start % page_size == 0 && length % page_size == 0 => {
+                    Ok(sys::vfio_device_feature_dma_logging_range { iova: r.start, length })
+                }
+                Some(_) => Err(Error::invalid(op, format!("range {r:?} is not aligned to {page_size:#x}"))),
+                None => {
+                    Err(Error::invalid(op, format!("range {r:?} is empty or spans the whole IOVA space")))
+                }
+            }
+        })
+        .collect()
+}
+
+/// Device-side DMA logging, started by [`BoundDevice::dma_logging_start`]. Stops logging when dropped
+/// (failures are logged), or explicitly with [`stop`](Self::stop).
+pub struct DmaLog {
+    dev: Option<Arc<DeviceInner>>,
+    page_size: u64,
+}
+
+impl std::fmt::Debug for DmaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaLog")
+            .field("dev_id", &self.dev.as_ref().map(|d| d.dev_id))
+            .field("page_size", &self.page_size)
+            .finish()
+    }
+}
+
+/// Pages a device wrote, from [`DmaLog::report`]: one bit per `page_size` page from `iova`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmaLogReport {
+    /// First IOVA covered.
+    pub iova: u64,
+    /// Bytes covered.
+    pub length: u64,
+    /// Bytes per bit.
+    pub page_size: u64,
+    /// Bit `n` (bit `n % 64` of word `n / 64`) is page `iova + n * page_size`.
+    pub bitmap: Vec<u64>,
+}
+
+impl DmaLogReport {
+    /// True if the page holding `iova` was written (false outside the covered range).
+    pub fn is_dirty(&self, iova: u64) -> bool {
+        if iova < self.iova || iova - self.iova >= self.length {
+            return false;
+        }
+        let n = (iova - self.iova) / self.page_size;
+        self.bitmap.get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+
+    /// First IOVAs of the written pages, ascending.
+    pub fn dirty_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        let pages = self.length.div_ceil(self.page_size);
+        self.bitmap
+            .iter()
+            .enumerate()
+            .flat_map(move |(w, &word)| {
+                (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| w as u64 * 64 + b)
+            })
+            .take_while(move |&n| n < pages)
+            .map(move |n| self.iova + n * self.page_size)
+    }
+}
+
+/// Words of the report bitmap for `length` bytes at `page_size` per bit (the kernel's
+/// `iova_bitmap` sizing: one bit per page, rounded up to whole `u64`s).
+fn report_words(length: u64, page_size: u64) -> u64 {
+    (length - 1) / page_size / 64 + 1
+}
+
+impl DmaLog {
+    /// The tracking granularity the driver chose (bytes per logged page).
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Reads and clears the log for `[iova, iova + length)` at `page_size` bytes per bit
+    /// (`VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`, Linux 6.2). `page_size` may differ from
+    /// [`page_size`](Self::page_size) (a power of two, at least 4096).
+    ///
+    /// After any error the log should be considered lost: treat everything as dirty and restart.
+    pub fn report(&self, iova: u64, length: u64, page_size: u64) -> Result<DmaLogReport> {
+        let feature = DeviceFeature::DMA_LOGGING_REPORT;
+        let op = feature.name();
+        if length == 0 {
+            return Err(Error::invalid(op, "length is zero"));
+        }
+        if !page_size.is_power_of_two() || page_size < 4096 {
+            return Err(Error::invalid(
+                op,
+                format!("page size {page_size:#x} must be a power of two >= 4096"),
+            ));
+        }
+        if iova.checked_add(length).is_none() {
+            return Err(Error::invalid(op, "range overflows the IOVA space"));
+        }
+        let words = usize::try_from(report_words(length, page_size))
+            .map_err(|_| Error::invalid(op, "bitmap too large"))?;
+        let mut bitmap: Vec<u64> = Vec::new();
+        bitmap.try_reserve_exact(words).map_err(|_| Error::os(op, Errno::NOMEM))?;
+        bitmap.resize(words, 0);
+        let dev = self.dev.as_ref().expect("a live DmaLog has its device");
+        let data = sys::vfio_device_feature_dma_logging_report {
+            iova,
+            length,
+            page_size,
+            bitmap: bitmap.as_mut_ptr() as u64,
+        };
+        // SAFETY: DMA_LOGGING_REPORT with GET takes `vfio_device_feature_dma_logging_report`; `bitmap`
+        // points at `words` writable u64s owned by `bitmap`, alive for the call, and the kernel writes at
+        // most one bit per `page_size` page of `length` bytes: `report_words` of them.
+        unsafe { feature_call(dev.fd.as_fd(), feature, sys::VFIO_DEVICE_FEATURE_GET, data) }?;
+        Ok(DmaLogReport { iova, length, page_size, bitmap })
+    }
+
+    fn do_stop(&mut self) -> Result<()> {
+        let Some(dev) = self.dev.take() else { return Ok(()) };
+        // SAFETY: DMA_LOGGING_STOP with SET takes no payload.
+        let r = unsafe {
+            feature_call(dev.fd.as_fd(), DeviceFeature::DMA_LOGGING_STOP, sys::VFIO_DEVICE_FEATURE_SET, ())
+        };
+        r.map(drop)
+    }
+
+    /// Stops logging now and reports failure (`VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`).
+    pub fn stop(mut self) -> Result<()> {
+        self.do_stop()
+    }
+}
+
+impl Drop for DmaLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_stop() {
+            log::error!("iommufd: stopping DMA logging on drop failed: {e}");
+        }
+    }
+}
+
+/// A byte range of a device region, for [`BoundDevice::export_dma_buf`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionRange {
+    /// Offset into the region (page-aligned).
+    pub offset: u64,
+    /// Length (page-aligned, non-zero).
+    pub len: u64,
+}
+
+/// Lays out a `VFIO_DEVICE_FEATURE_DMA_BUF` GET argument in `u64` words (the structures' alignment):
+/// header, `vfio_device_feature_dma_buf`, then the ranges. Returns the words and the total length.
+fn dma_buf_arg(op: &'static str, index: u32, ranges: &[RegionRange]) -> Result<(Vec<u64>, u64)> {
+    if ranges.is_empty() {
+        return Err(Error::invalid(op, "no ranges"));
+    }
+    let page = crate::dma::page_size() as u64;
+    let mut total = 0u64;
+    for r in ranges {
+        if r.len == 0 || r.offset % page != 0 || r.len % page != 0 {
+            return Err(Error::invalid(op, format!("range {r:?} must be non-empty and page-aligned")));
+        }
+        if r.offset.checked_add(r.len).is_none() {
+            return Err(Error::invalid(op, format!("range {r:?} overflows")));
+        }
+        total = total.checked_add(r.len).ok_or_else(|| Error::invalid(op, "total length overflows"))?;
+    }
+    let nr = u32::try_from(ranges.len()).map_err(|_| Error::invalid(op, "too many ranges"))?;
+    let mut bytes = Vec::with_capacity(24 + 16 * ranges.len());
+    let argsz = size_of::<sys::vfio_device_feature>()
+        + size_of::<sys::vfio_device_feature_dma_buf>()
+        + ranges.len() * size_of::<sys::vfio_region_dma_range>();
+    let argsz = u32::try_from(argsz).map_err(|_| Error::invalid(op, "too many ranges"))?;
+    let open_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
+    let flags = sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF;
+    for v in [argsz, flags, index, open_flags, 0, nr] {
+        bytes.extend_from_slice(&v.to_ne_bytes());
+    }
+    for r in ranges {
+        bytes.extend_from_slice(&r.offset.to_ne_bytes());
+        bytes.extend_from_slice(&r.len.to_ne_bytes());
+    }
+    debug_assert_eq!(bytes.len(), argsz as usize);
+    let words = bytes.chunks(8).map(|c| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        u64::from_ne_bytes(w)
+    });
+    Ok((words.collect(), total))
+}
+
+/// MMIO of a device exported as a dma-buf by [`BoundDevice::export_dma_buf`]: an fd to map into an
+/// IOAS with [`Ioas::map_file`](crate::Ioas::map_file) or hand to another importer.
+#[derive(Debug)]
+pub struct DmaBuf {
+    fd: OwnedFd,
+    index: u32,
+    len: u64,
+}
+
+impl DmaBuf {
+    /// Its size in bytes (the sum of the exported ranges).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a dma-buf has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The region it was exported from.
+    pub fn region_index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl AsFd for DmaBuf {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for DmaBuf {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<DmaBuf> for OwnedFd {
+    fn from(buf: DmaBuf) -> OwnedFd {
+        buf.fd
+    }
+}
+
+/// The answer of [`BoundDevice::hot_reset_info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotResetInfo {
+    /// Every device the reset affects, this one included.
+    pub devices: Vec<HotResetDep>,
+    /// True if all of them are owned through this iommufd (`VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED`), so
+    /// [`BoundDevice::hot_reset`] is allowed.
+    pub all_owned: bool,
+}
+
+/// A device a hot reset affects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotResetDep {
+    /// Its PCI address.
+    pub address: PciAddress,
+    /// Whether this iommufd owns it.
+    pub owner: HotResetOwner,
+}
+
+/// How a device affected by a hot reset relates to the caller's iommufd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotResetOwner {
+    /// Bound to the caller's iommufd with this device id.
+    DevId(u32),
+    /// Not bound, but in an IOMMU group with a device that is (`VFIO_PCI_DEVID_OWNED`).
+    Owned,
+    /// Not owned: not bound to a VFIO driver, or bound elsewhere (`VFIO_PCI_DEVID_NOT_OWNED`).
+    NotOwned,
+    /// Its IOMMU group (the legacy group flavour, which a cdev never gets).
+    Group(u32),
+}
+
+fn parse_hot_reset_info(buf: &[u32]) -> Result<HotResetInfo> {
+    const OP: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
+    let (flags, count) = (buf[1], buf[2] as usize);
+    let header = size_of::<sys::vfio_pci_hot_reset_info>() / 4;
+    let entries = buf.get(header..header + 2 * count).ok_or_else(|| Error::Protocol {
+        op: OP,
+        detail: format!("{count} devices do not fit the {}-byte buffer", buf.len() * 4),
+    })?;
+    let dev_id = flags & sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID != 0;
+    let devices = entries
+        .chunks_exact(2)
+        .map(|e| {
+            let [s0, s1, bus, devfn] = e[1].to_ne_bytes();
+            let owner = match e[0] {
+                _ if !dev_id => HotResetOwner::Group(e[0]),
+                sys::VFIO_PCI_DEVID_OWNED => HotResetOwner::Owned,
+                id if id == sys::VFIO_PCI_DEVID_NOT_OWNED as u32 => HotResetOwner::NotOwned,
+                id => HotResetOwner::DevId(id),
+            };
+            let address = PciAddress {
+                domain: u32::from(u16::from_ne_bytes([s0, s1])),
+                bus,
+                device: devfn >> 3,
+                function: devfn & 7,
+            };
+            HotResetDep { address, owner }
+        })
+        .collect();
+    Ok(HotResetInfo { devices, all_owned: dev_id && flags & sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED != 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::offset_of;
+
+    use super::*;
+
+    #[test]
+    fn feature_names_and_indices() {
+        assert_eq!(DeviceFeature::ALL.len(), 14);
+        for (i, f) in DeviceFeature::ALL.iter().enumerate() {
+            assert_eq!(f.index() as usize, i, "{f:?}");
+            assert!(f.name().starts_with("VFIO_DEVICE_FEATURE_"), "{}", f.name());
+        }
+        assert_eq!(DeviceFeature::DMA_BUF.name(), "VFIO_DEVICE_FEATURE_DMA_BUF");
+        assert_eq!(DeviceFeature::DMA_LOGGING_START.since(), Some("6.2"));
+        assert_eq!(DeviceFeature::new(99).name(), "VFIO_DEVICE_FEATURE");
+        assert_eq!(format!("{:?}", DeviceFeature::new(99)), "DeviceFeature(99)");
+        assert_eq!(format!("{:?}", DeviceFeature::BUS_MASTER), "VFIO_DEVICE_FEATURE_BUS_MASTER");
+        assert_eq!(FeatureOps::GET.bits(), 1 << 16);
+        assert_eq!(FeatureOps::SET.bits(), 1 << 17);
+    }
+
+    #[test]
+    fn feature_errors_name_the_feature() {
+        let e = feature_error(
+            DeviceFeature::DMA_LOGGING_START,
+            Error::Unsupported { op: "VFIO_DEVICE_FEATURE", since: "5.7" },
+        );
+        assert_eq!(e.errno(), Some(Errno::NOTTY));
+        assert!(e.to_string().starts_with("VFIO_DEVICE_FEATURE_DMA_LOGGING_START failed"), "{e}");
+        let e = feature_error(
+            DeviceFeature::DMA_BUF,
+            Error::Ioctl { op: "VFIO_DEVICE_FEATURE", errno: Errno::NODEV, hint: None },
+        );
+        assert!(matches!(e, Error::Ioctl { op: "VFIO_DEVICE_FEATURE_DMA_BUF", errno: Errno::NODEV, .. }));
+    }
+
+    #[test]
+    fn payload_layouts() {
+        assert_eq!(size_of::<FeatureArg<sys::vfio_device_feature_dma_logging_control>>(), 32);
+        assert_eq!(offset_of!(FeatureArg<sys::vfio_device_feature_dma_logging_report>, data), 8);
+        assert_eq!(size_of::<FeatureArg<sys::vfio_device_feature_bus_master>>(), 12);
+        assert_eq!(size_of::<sys::vfio_device_feature_dma_buf>(), 16);
+        assert_eq!(offset_of!(sys::vfio_device_feature_dma_buf, dma_ranges), 16);
+    }
+
+    #[test]
+    fn dma_buf_argument() {
+        let page = crate::dma::page_size() as u64;
+        let (words, len) = dma_buf_arg(
+            "t",
+            2,
+            &[RegionRange { offset: 0, len: page }, RegionRange { offset: 4 * page, len: 2 * page }],
+        )
+        .unwrap();
+        assert_eq!(len, 3 * page);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_ne_bytes(bytes[o..o + 8].try_into().unwrap());
+        assert_eq!(u32_at(0), 8 + 16 + 2 * 16, "argsz");
+        assert_eq!(u32_at(4), sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF);
+        let data = 8;
+        assert_eq!(u32_at(data + offset_of!(sys::vfio_device_feature_dma_buf, region_index)), 2);
+        assert_eq!(
+            u32_at(data + offset_of!(sys::vfio_device_feature_dma_buf, open_flags)),
+            (libc::O_RDWR | libc::O_CLOEXEC) as u32
+        );
+        assert_eq!(u32_at(data + offset_of!(sys::vfio_device_feature_dma_buf, flags)), 0);
+        assert_eq!(u32_at(data + offset_of!(sys::vfio_device_feature_dma_buf, nr_ranges)), 2);
+        assert_eq!((u64_at(24), u64_at(32), u64_at(40), u64_at(48)), (0, page, 4 * page, 2 * page));
+        for bad in [&[][..], &[RegionRange { offset: 0, len: 0 }], &[RegionRange { offset: 1, len: page }]] {
+            assert!(matches!(dma_buf_arg("t", 0, bad), Err(Error::InvalidArgument { .. })), "{bad:?}");
+        }
+        assert!(dma_buf_arg("t", 0, &[RegionRange { offset: u64::MAX - page + 1, len: page }]).is_err());
+    }
+
+    #[test]
+    fn logging_range_checks() {
+        let r = |start: u64, len: u64| IovaRange::from_len(start, len).unwrap();
+        let ok = logging_ranges("t", 4096, &[r(0x1000, 0x2000), r(0x10000, 0x1000)]).unwrap();
+        assert_eq!((ok[0].iova, ok[0].length, ok[1].iova, ok[1].length), (0x1000, 0x2000, 0x10000, 0x1000));
+        assert!(logging_ranges("t", 4096, &[]).is_err());
+        assert!(logging_ranges("t", 3000, &[r(0, 3000)]).is_err());
+        assert!(logging_ranges("t", 4096, &[r(0x800, 0x1000)]).is_err());
+        assert!(logging_ranges("t", 4096, &[r(0, 0x2000), r(0x1000, 0x1000)]).is_err(), "overlap");
+        assert!(logging_ranges("t", 4096, &[IovaRange { start: 0, last: u64::MAX }]).is_err());
+    }
+
+    #[test]
+    fn report_bitmap() {
+        assert_eq!(report_words(4096, 4096), 1);
+        assert_eq!(report_words(64 * 4096, 4096), 1);
+        assert_eq!(report_words(64 * 4096 + 1, 4096), 2);
+        assert_eq!(report_words(1 << 30, 1 << 21), 8);
+        let rep =
+            DmaLogReport { iova: 0x10_0000, length: 70 * 4096, page_size: 4096, bitmap: vec![0b101, 1 << 5] };
+        assert!(rep.is_dirty(0x10_0000) && rep.is_dirty(0x10_2fff) && !rep.is_dirty(0x10_1000));
+        assert!(
+            rep.is_dirty(0x10_0000 + 69 * 4096)
+                && !rep.is_dirty(0xf_f000)
+                && !rep.is_dirty(0x10_0000 + 70 * 4096)
+        );
+        assert_eq!(rep.dirty_pages().collect::<Vec<_>>(), vec![0x10_0000, 0x10_2000, 0x10_0000 + 69 * 4096]);
+    }
+
+    #[test]
+    fn hot_reset_info_parsing() {
+        let devfn = |d: u8, f: u8| (d << 3) | f;
+        let entry = |id: u32, seg: u16, bus: u8, df: u8| {
+            let s = seg.to_ne_bytes();
+            [id, u32::from_ne_bytes([s[0], s[1], bus, df])]
+        };
+        let flags = sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID | sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED;
+        let mut buf = vec![0, flags, 3];
+        buf.extend(entry(5, 0, 1, devfn(0, 0)));
+        buf.extend(entry(sys::VFIO_PCI_DEVID_OWNED, 1, 1, devfn(0, 1)));
+        buf.extend(entry(sys::VFIO_PCI_DEVID_NOT_OWNED as u32, 0, 2, devfn(31, 7)));
+        let info = parse_hot_reset_info(&buf).unwrap();
+        assert!(info.all_owned);
+        let addr = |domain, bus, device, function| PciAddress { domain, bus, device, function };
+        assert_eq!(
+            info.devices,
+            vec![
+                HotResetDep { address: addr(0, 1, 0, 0), owner: HotResetOwner::DevId(5) },
+                HotResetDep { address: addr(1, 1, 0, 1), owner: HotResetOwner::Owned },
+                HotResetDep { address: addr(0, 2, 31, 7), owner: HotResetOwner::NotOwned },
+            ]
+        );
+        // Group flavour: ids are groups and DEV_ID_OWNED is reserved.
+        let mut buf = vec![0, sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED, 1];
+        buf.extend(entry(12, 0, 0, devfn(3, 0)));
+        let info = parse_hot_reset_info(&buf).unwrap();
+        assert!(!info.all_owned);
+        assert_eq!(info.devices[0].owner, HotResetOwner::Group(12));
+        // A count past the buffer is a protocol error, not a panic.
+        assert!(matches!(parse_hot_reset_info(&[0, 1, 5, 0, 0]), Err(Error::Protocol { .. })));
+    }
+}

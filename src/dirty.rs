@@ -1,0 +1,415 @@
+//! IOMMU dirty tracking for live migration: [`Hwpt::set_dirty_tracking`], [`Hwpt::read_dirty`] and
+//! the [`DirtyBitmap`] it fills.
+//!
+//! The migration protocol is documented on [`DirtyBitmap`] (module docs of private modules are not
+//! rendered).
+
+use std::os::fd::AsFd;
+
+use iommufd_sys as sys;
+
+use crate::error::{Errno, Error, Result};
+use crate::hwpt::{Hwpt, HwptFlags, HwptKind};
+use crate::ioas::IovaRange;
+use crate::ioctl::{self, Sized32};
+
+const SET_TRACKING: &str = "IOMMU_HWPT_SET_DIRTY_TRACKING";
+const GET_BITMAP: &str = "IOMMU_HWPT_GET_DIRTY_BITMAP";
+
+/// Which pages of an IOVA range were written by devices: one bit per `page_size` bytes, as returned
+/// by [`Hwpt::read_dirty`].
+///
+/// Bit `i` stands for `[iova + i * page_size, iova + (i + 1) * page_size)`. The bits are held in
+/// `u64` words, the layout the kernel writes (`IOMMU_HWPT_GET_DIRTY_BITMAP`).
+///
+/// An IOMMU with dirty tracking sets a dirty bit in its page table entries when a device writes
+/// through them. For a VMM migrating a guest with an assigned device, those bits say which guest pages
+/// the device wrote since the last look, so they are copied again.
+///
+/// # Migration: the read-and-clear protocol
+///
+/// 1. Allocate the device's paging page table with [`HwptFlags::DIRTY_TRACKING`] (the kernel answers
+///    `EOPNOTSUPP` at allocation if the IOMMU cannot track) and attach the device to it.
+/// 2. [`set_dirty_tracking(true)`](Hwpt::set_dirty_tracking) when migration starts. Enabling clears
+///    every stale dirty bit first, so the first read reports only writes made after it.
+/// 3. Pre-copy rounds: [`read_dirty(.., clear = true)`](Hwpt::read_dirty) over each mapped range
+///    returns the pages written since the previous read *and* clears their bits; the kernel then
+///    flushes the IOTLB so that the next write through a cleared entry sets its bit again. Copy those
+///    pages; repeat until the dirty set is small.
+/// 4. Stop the device (no more DMA), do a last read-and-clear, copy what it reports.
+/// 5. [`set_dirty_tracking(false)`](Hwpt::set_dirty_tracking).
+///
+/// `clear = false` (`IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`) only reads. Use it right before unmapping
+/// the range: the unmap discards the entries (and their dirty bits) anyway, so clearing would be wasted
+/// work, but the bits must be read first or the writes they record are lost.
+///
+/// Reads are for mapped ranges: parts of the range with no mapping report nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    /// Number of valid bits: `length / page_size`.
+    pages: u64,
+    words: Vec<u64>,
+}
+
+impl std::fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyBitmap")
+            .field("range", &self.range())
+            .field("page_size", &self.page_size)
+            .field("dirty_pages", &self.dirty_pages())
+            .finish()
+    }
+}
+
+impl DirtyBitmap {
+    /// An all-clean bitmap for `[iova, iova + length)` at `page_size` granularity, for
+    /// [`Hwpt::read_dirty_into`] (which reuses it round after round).
+    ///
+    /// `page_size` must be a power of two (the kernel takes it as a shift), and `iova` and `length` its
+    /// multiples; `length` must be non-zero and the range must not wrap. The kernel additionally wants
+    /// `iova` and `length` aligned to the IOAS's IOVA alignment (`EINVAL` otherwise). The bitmap takes
+    /// `length / page_size / 8` bytes, rounded up to whole `u64`s.
+    pub fn new(iova: u64, length: u64, page_size: u64) -> Result<DirtyBitmap> {
+        let words = bitmap_words(iova, length, page_size)?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(words).map_err(|_| Error::os("allocate the dirty bitmap", Errno::NOMEM))?;
+        v.resize(words, 0);
+        Ok(DirtyBitmap { iova, length, page_size, pages: length / page_size, words: v })
+    }
+
+    /// The IOVA range covered.
+    pub fn range(&self) -> IovaRange {
+        // `new` checked that the range is non-empty and does not wrap.
+        IovaRange { start: self.iova, last: self.iova + (self.length - 1) }
+    }
+
+    /// The bytes each bit stands for.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// The number of pages (bits) covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The number of dirty pages.
+    pub fn dirty_pages(&self) -> u64 {
+        let (full, rest) = ((self.pages / 64) as usize, self.pages % 64);
+        let mut n: u64 = self.words[..full].iter().map(|w| u64::from(w.count_ones())).sum();
+        if rest != 0 {
+            n += u64::from((self.words[full] & ((1u64 << rest) - 1)).count_ones());
+        }
+        n
+    }
+
+    /// True if no page is dirty.
+    pub fn is_clean(&self) -> bool {
+        self.dirty_pages() == 0
+    }
+
+    /// True if the page holding `iova` is dirty; false for an IOVA outside the range.
+    pub fn is_dirty(&self, iova: u64) -> bool {
+        if iova < self.iova || iova - self.iova >= self.length {
+            return false;
+        }
+        let bit = (iova - self.iova) / self.page_size;
+        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    /// The dirty IOVA ranges, in order, with adjacent dirty pages merged into one range.
+    pub fn iter_ranges(&self) -> DirtyRanges<'_> {
+        DirtyRanges { bitmap: self, next_bit: 0 }
+    }
+
+    /// The raw words: bit `i % 64` of word `i / 64` is page `i`.
+    pub fn as_words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Marks every page clean.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Index of the first bit at or after `from` that is set (`set`) or clear (`!set`), or
+    /// `self.pages` if there is none before the end.
+    fn find(&self, from: u64, set: bool) -> u64 {
+        let mut i = from;
+        while i < self.pages {
+            let w = (i / 64) as usize;
+            let word = if set { self.words[w] } else { !self.words[w] };
+            let word = word & (!0u64 << (i % 64));
+            if word != 0 {
+                return (w as u64 * 64 + u64::from(word.trailing_zeros())).min(self.pages);
+            }
+            i = (w as u64 + 1) * 64;
+        }
+        self.pages
+    }
+}
+
+/// Validates a bitmap request and returns how many `u64` words its bitmap takes.
+fn bitmap_words(iova: u64, length: u64, page_size: u64) -> Result<usize> {
+    if !page_size.is_power_of_two() {
+        return Err(Error::invalid(GET_BITMAP, format!("page size {page_size:#x} is not a power of two")));
+    }
+    if length == 0 {
+        return Err(Error::invalid(GET_BITMAP, "length is zero"));
+    }
+    if IovaRange::from_len(iova, length).is_none() {
+        return Err(Error::invalid(
+            GET_BITMAP,
+            format!("range {iova:#x}+{length:#x} overflows the IOVA space"),
+        ));
+    }
+    if iova % page_size != 0 || length % page_size != 0 {
+        return Err(Error::invalid(
+            GET_BITMAP,
+            format!(
+                "IOVA {iova:#x} and length {length:#x} must be multiples of the page size {page_size:#x}"
+            ),
+        ));
+    }
+    let words = (length / page_size).div_ceil(64);
+    usize::try_from(words).map_err(|_| Error::invalid(GET_BITMAP, "the bitmap does not fit in memory"))
+}
+
+/// Iterator over the coalesced dirty ranges of a [`DirtyBitmap`] ([`DirtyBitmap::iter_ranges`]).
+#[derive(Debug, Clone)]
+pub struct DirtyRanges<'a> {
+    bitmap: &'a DirtyBitmap,
+    next_bit: u64,
+}
+
+impl Iterator for DirtyRanges<'_> {
+    type Item = IovaRange;
+
+    fn next(&mut self) -> Option<IovaRange> {
+        let b = self.bitmap;
+        let start = b.find(self.next_bit, true);
+        if start >= b.pages {
+            self.next_bit = b.pages;
+            return None;
+        }
+        let end = b.find(start, false);
+        self.next_bit = end;
+        // `end * page_size <= length` and `iova + length - 1` does not overflow (checked by `new`).
+        Some(IovaRange { start: b.iova + start * b.page_size, last: b.iova + end * b.page_size - 1 })
+    }
+}
+
+impl std::iter::FusedIterator for DirtyRanges<'_> {}
+
+impl Hwpt {
+    fn check_dirty_capable(&self, op: &'static str) -> Result<()> {
+        if self.kind() != HwptKind::Paging {
+            return Err(Error::invalid(
+                op,
+                format!("HWPT {} is nested: dirty tracking belongs to its paging parent", self.id()),
+            ));
+        }
+        if !self.flags().contains(HwptFlags::DIRTY_TRACKING) {
+            return Err(Error::invalid(
+                op,
+                format!("HWPT {} was not allocated with HwptFlags::DIRTY_TRACKING", self.id()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns the IOMMU's dirty tracking on or off for this page table
+    /// (`IOMMU_HWPT_SET_DIRTY_TRACKING`, Linux 6.7). Enabling clears any stale dirty bits first.
+    ///
+    /// The table must be a paging HWPT allocated with [`HwptFlags::DIRTY_TRACKING`]; anything else is
+    /// rejected before the ioctl. See the
+    /// [read-and-clear protocol](DirtyBitmap#migration-the-read-and-clear-protocol) for migration.
+    pub fn set_dirty_tracking(&self, enable: bool) -> Result<()> {
+        self.check_dirty_capable(SET_TRACKING)?;
+        let mut arg = sys::iommu_hwpt_set_dirty_tracking::new();
+        arg.hwpt_id = self.id();
+        arg.flags = if enable { sys::IOMMU_HWPT_DIRTY_TRACKING_ENABLE } else { 0 };
+        // SAFETY: IOMMU_HWPT_SET_DIRTY_TRACKING takes `iommu_hwpt_set_dirty_tracking`, sized by `new()`;
+        // it holds no pointers.
+        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::HWPT_SET_DIRTY_TRACKING, &mut arg) }.map(drop)
+    }
+
+    /// Reads which pages of `[iova, iova + length)` devices wrote, at `page_size` granularity
+    /// (`IOMMU_HWPT_GET_DIRTY_BITMAP`, Linux 6.7), and with `clear` also clears those dirty bits
+    /// (without it, `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`: read only, for a range about to be
+    /// unmapped).
+    ///
+    /// See [`DirtyBitmap::new`] for the constraints on the range, checked before the ioctl, and the
+    /// [read-and-clear protocol](DirtyBitmap#migration-the-read-and-clear-protocol) for migration. Use
+    /// [`read_dirty_into`](Self::read_dirty_into) to reuse one bitmap across rounds.
+    pub fn read_dirty(&self, iova: u64, length: u64, page_size: u64, clear: bool) -> Result<DirtyBitmap> {
+        self.check_dirty_capable(GET_BITMAP)?;
+        let mut bitmap = DirtyBitmap::new(iova, length, page_size)?;
+        self.read_dirty_into(&mut bitmap, clear)?;
+        Ok(bitmap)
+    }
+
+    /// Like [`read_dirty`](Self::read_dirty), into an existing bitmap (its range and page size),
+    /// which is cleared first: afterwards it holds exactly this read's dirty pages.
+    pub fn read_dirty_into(&self, bitmap: &mut DirtyBitmap, clear: bool) -> Result<()> {
+        self.check_dirty_capable(GET_BITMAP)?;
+        // The kernel only sets bits: start from a clean bitmap.
+        bitmap.clear();
+        let mut arg = sys::iommu_hwpt_get_dirty_bitmap::new();
+        arg.hwpt_id = self.id();
+        arg.flags = if clear { 0 } else { sys::IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR };
+        arg.iova = bitmap.iova;
+        arg.length = bitmap.length;
+        arg.page_size = bitmap.page_size;
+        arg.data = bitmap.words.as_mut_ptr() as u64;
+        // SAFETY: IOMMU_HWPT_GET_DIRTY_BITMAP takes `iommu_hwpt_get_dirty_bitmap`, sized by `new()`. Its
+        // one user pointer, `data`, addresses the bitmap's `ceil(length / page_size / 64)` u64 words,
+        // exactly the words the kernel may write for this iova/length/page_size (`DirtyBitmap::new`
+        // sized them and checked page_size is a power of two, the shift the kernel uses); they are
+        // exclusively borrowed through `bitmap` for the call, and nothing else points into them.
+        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::HWPT_GET_DIRTY_BITMAP, &mut arg) }.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitmap(iova: u64, pages: u64, page_size: u64, dirty: &[u64]) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(iova, pages * page_size, page_size).unwrap();
+        for &p in dirty {
+            b.words[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        b
+    }
+
+    fn r(start: u64, last: u64) -> IovaRange {
+        IovaRange { start, last }
+    }
+
+    fn assert_invalid<T: std::fmt::Debug>(res: Result<T>, needle: &str) {
+        match res {
+            Err(Error::InvalidArgument { op, reason }) => {
+                assert_eq!(op, GET_BITMAP);
+                assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?}");
+            }
+            other => panic!("expected InvalidArgument(..{needle}..), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn size_is_whole_u64_words() {
+        assert_eq!(bitmap_words(0, 4096, 4096).unwrap(), 1);
+        assert_eq!(bitmap_words(0, 64 * 4096, 4096).unwrap(), 1);
+        assert_eq!(bitmap_words(0, 65 * 4096, 4096).unwrap(), 2);
+        assert_eq!(bitmap_words(1 << 30, 1 << 30, 1 << 21).unwrap(), 8);
+        // 1 TiB at 4 KiB pages: 2^28 bits = 32 MiB of bitmap.
+        assert_eq!(bitmap_words(0, 1 << 40, 4096).unwrap(), 1 << 22);
+        let b = DirtyBitmap::new(0x10_0000, 100 * 4096, 4096).unwrap();
+        assert_eq!((b.pages(), b.as_words().len()), (100, 2));
+        assert_eq!(b.range(), r(0x10_0000, 0x10_0000 + 100 * 4096 - 1));
+        assert!(b.is_clean());
+    }
+
+    #[test]
+    fn bad_requests_are_rejected() {
+        assert_invalid(DirtyBitmap::new(0, 4096, 0), "power of two");
+        assert_invalid(DirtyBitmap::new(0, 3 * 4096, 3 * 4096), "power of two");
+        assert_invalid(DirtyBitmap::new(0, 0, 4096), "length is zero");
+        assert_invalid(DirtyBitmap::new(u64::MAX - 4095, 8192, 4096), "overflows");
+        assert_invalid(DirtyBitmap::new(0x800, 4096, 4096), "multiples of the page size");
+        assert_invalid(DirtyBitmap::new(0, 4096 + 512, 4096), "multiples of the page size");
+        // The last page of the IOVA space is a valid range.
+        let b = DirtyBitmap::new(u64::MAX - 4095, 4096, 4096).unwrap();
+        assert_eq!(b.range().last, u64::MAX);
+    }
+
+    #[test]
+    fn ranges_coalesce_adjacent_pages() {
+        let base = 0x100_0000;
+        let ps = 4096;
+        let b = bitmap(base, 200, ps, &[0, 1, 2, 5, 63, 64, 65, 130, 199]);
+        let ranges: Vec<_> = b.iter_ranges().collect();
+        assert_eq!(
+            ranges,
+            vec![
+                r(base, base + 3 * ps - 1),
+                r(base + 5 * ps, base + 6 * ps - 1),
+                r(base + 63 * ps, base + 66 * ps - 1), // across a word boundary
+                r(base + 130 * ps, base + 131 * ps - 1),
+                r(base + 199 * ps, base + 200 * ps - 1), // the last page
+            ]
+        );
+        assert_eq!(b.dirty_pages(), 9);
+        assert!(b.is_dirty(base) && b.is_dirty(base + 2 * ps + ps - 1) && !b.is_dirty(base + 3 * ps));
+        assert!(!b.is_dirty(base - 1) && !b.is_dirty(base + 200 * ps));
+        // The iterator is fused.
+        let mut it = b.iter_ranges();
+        assert_eq!(it.by_ref().count(), 5);
+        assert_eq!(it.next(), None);
+    }
+
+    #[test]
+    fn ranges_edge_cases() {
+        let ps = 1 << 21;
+        assert_eq!(bitmap(0, 10, ps, &[]).iter_ranges().count(), 0);
+        let all: Vec<_> = bitmap(0, 128, ps, &(0..128).collect::<Vec<_>>()).iter_ranges().collect();
+        assert_eq!(all, vec![r(0, 128 * ps - 1)]);
+        let all: Vec<_> = bitmap(0, 100, ps, &(0..100).collect::<Vec<_>>()).iter_ranges().collect();
+        assert_eq!(all, vec![r(0, 100 * ps - 1)]);
+        // Alternating bits never coalesce.
+        let alt = bitmap(0, 64, 4096, &(0..64).step_by(2).collect::<Vec<_>>());
+        assert_eq!(alt.iter_ranges().count(), 32);
+        assert_eq!(alt.dirty_pages(), 32);
+    }
+
+    #[test]
+    fn dirty_calls_are_validated_before_the_ioctl() {
+        let null: std::os::fd::OwnedFd =
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap().into();
+        // SAFETY: the fd is freshly opened and owned; it is not an iommufd, so any ioctl that gets
+        // through fails with ENOTTY.
+        let fd = unsafe {
+            <crate::Iommufd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(null))
+        };
+        let ioas = crate::Ioas::fake(&fd, 7);
+        let invalid = |r: Result<_>, op: &str, needle: &str| match r {
+            Err(Error::InvalidArgument { op: o, reason }) => {
+                assert_eq!(o, op);
+                assert!(reason.contains(needle), "{reason:?} lacks {needle:?}");
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        let plain = Hwpt::fake(&ioas, 8, HwptKind::Paging, HwptFlags::empty());
+        invalid(plain.set_dirty_tracking(true), SET_TRACKING, "DIRTY_TRACKING");
+        invalid(plain.read_dirty(0, 4096, 4096, true).map(drop), GET_BITMAP, "DIRTY_TRACKING");
+        let nested = Hwpt::fake(&ioas, 9, HwptKind::Nested, HwptFlags::DIRTY_TRACKING);
+        invalid(nested.set_dirty_tracking(false), SET_TRACKING, "nested");
+        let tracking = Hwpt::fake(&ioas, 10, HwptKind::Paging, HwptFlags::DIRTY_TRACKING);
+        invalid(tracking.read_dirty(0, 4096, 3000, true).map(drop), GET_BITMAP, "power of two");
+        invalid(tracking.read_dirty(0x800, 4096, 4096, false).map(drop), GET_BITMAP, "multiples");
+        // Valid calls reach the (fake) kernel.
+        for r in [tracking.set_dirty_tracking(true), tracking.read_dirty(0, 1 << 20, 4096, true).map(drop)] {
+            assert!(matches!(r, Err(Error::Unsupported { since: "6.7", .. })), "{r:?}");
+        }
+        // The kernel only sets bits, so a reused bitmap is cleared before each read.
+        let mut b = bitmap(0, 10, 4096, &[1, 2]);
+        let _ = tracking.read_dirty_into(&mut b, true);
+        assert!(b.is_clean());
+    }
+
+    #[test]
+    fn bits_past_the_end_are_ignored() {
+        // The kernel never sets them, but a stray bit in the last word's tail must not count.
+        let mut b = bitmap(0, 10, 4096, &[9]);
+        b.words[0] |= 1 << 10 | 1 << 63;
+        assert_eq!(b.dirty_pages(), 1);
+        assert_eq!(b.iter_ranges().collect::<Vec<_>>(), vec![r(9 * 4096, 10 * 4096 - 1)]);
+        b.clear();
+        assert!(b.is_clean());
+        assert_eq!(b.as_words(), &[0]);
+    }
+}

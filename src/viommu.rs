@@ -1,0 +1,1021 @@
+//! Virtual IOMMUs: [`Viommu`] (`IOMMU_VIOMMU_ALLOC`, Linux 6.13) and what hangs off one:
+//! [`Vdevice`] (`IOMMU_VDEVICE_ALLOC`, 6.13), [`Veventq`] (`IOMMU_VEVENTQ_ALLOC`, 6.15) and
+//! [`HwQueue`] (`IOMMU_HW_QUEUE_ALLOC`, 6.17).
+//!
+//! A vIOMMU is the slice of a physical IOMMU given to one VM: it wraps a nest-parent (stage-2)
+//! [`Hwpt`], and nested page tables, virtual devices, event queues and hardware queues are allocated
+//! on it. The kernel's teardown order is encoded in the handles:
+//!
+//! ```text
+//! Ioas <- Hwpt (NEST_PARENT) <- Viommu <- Vdevice | Veventq | HwQueue (<- HwQueue of the next index)
+//!                                      <- nested Hwpt (Hwpt::alloc_nested on the vIOMMU)
+//! ```
+//!
+//! Each child holds its parent's `Arc`, so a vEVENTQ, vDEVICE or HW queue is destroyed before its
+//! vIOMMU, which is destroyed before its nest parent. Every handle also has an explicit, fallible
+//! `destroy`/`close` refused with [`Error::InUse`] while children still hold it; `Drop` does the same
+//! best-effort and logs failures.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use iommufd_sys as sys;
+use rustix::io::Errno;
+
+use crate::device::IommuDevice;
+use crate::error::{Error, Result};
+use crate::fault::poll_readable;
+use crate::hwpt::{Hwpt, HwptFlags, HwptInner, HwptKind, NestParent, ObjRef, sealed};
+use crate::ioctl::{self, Sized32};
+use crate::iommufd::Iommufd;
+use crate::nested::{InvalidateEntries, InvalidateError, invalidate_object};
+use crate::object::Object;
+
+const VIOMMU_ALLOC: &str = "IOMMU_VIOMMU_ALLOC";
+const VDEVICE_ALLOC: &str = "IOMMU_VDEVICE_ALLOC";
+const VEVENTQ_ALLOC: &str = "IOMMU_VEVENTQ_ALLOC";
+const HW_QUEUE_ALLOC: &str = "IOMMU_HW_QUEUE_ALLOC";
+
+/// The kind of a virtual IOMMU (`enum iommu_viommu_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ViommuType {
+    /// `IOMMU_VIOMMU_TYPE_DEFAULT`: reserved by the kernel, which refuses it with `EOPNOTSUPP`.
+    Default,
+    /// ARM SMMUv3 (`IOMMU_VIOMMU_TYPE_ARM_SMMUV3`).
+    ArmSmmuv3,
+    /// ARM SMMUv3 with NVIDIA Tegra241 CMDQV (`IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV`).
+    Tegra241Cmdqv,
+    /// Any other value, for example the mock IOMMU's `IOMMU_VIOMMU_TYPE_SELFTEST`.
+    Raw(u32),
+}
+
+impl ViommuType {
+    /// The kernel's value.
+    pub fn raw(self) -> u32 {
+        match self {
+            ViommuType::Default => sys::IOMMU_VIOMMU_TYPE_DEFAULT,
+            ViommuType::ArmSmmuv3 => sys::IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+            ViommuType::Tegra241Cmdqv => sys::IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV,
+            ViommuType::Raw(v) => v,
+        }
+    }
+
+    /// The variant for a kernel value (named variants for the values this crate knows).
+    pub fn from_raw(v: u32) -> ViommuType {
+        match v {
+            sys::IOMMU_VIOMMU_TYPE_DEFAULT => ViommuType::Default,
+            sys::IOMMU_VIOMMU_TYPE_ARM_SMMUV3 => ViommuType::ArmSmmuv3,
+            sys::IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV => ViommuType::Tegra241Cmdqv,
+            v => ViommuType::Raw(v),
+        }
+    }
+}
+
+/// HW queues of one vIOMMU by (type, index), so a queue can hold the one of the index below it.
+type QueueRegistry = HashMap<(u32, u32), Weak<HwQueueInner>>;
+
+pub(crate) struct ViommuInner {
+    /// Declared first so it is dropped first: the vIOMMU is destroyed before its nest parent is
+    /// released.
+    pub(crate) obj: Object,
+    nest_parent: Arc<HwptInner>,
+    kind: ViommuType,
+    hw_queues: Mutex<QueueRegistry>,
+}
+
+/// A virtual IOMMU (`IOMMU_VIOMMU_ALLOC`, Linux 6.13): a VM's slice of a physical IOMMU, wrapping a
+/// nest-parent [`Hwpt`].
+///
+/// It is the parent of nested page tables ([`Hwpt::alloc_nested`] accepts it as a [`NestParent`]),
+/// of virtual devices ([`Vdevice`]), event queues ([`Veventq`]) and hardware queues ([`HwQueue`]).
+/// It keeps its nest parent alive; its children keep it alive. Cloning shares the kernel object.
+#[derive(Clone)]
+pub struct Viommu {
+    pub(crate) inner: Arc<ViommuInner>,
+}
+
+impl std::fmt::Debug for Viommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Viommu")
+            .field("id", &self.id())
+            .field("kind", &self.kind())
+            .field("nest_parent", &self.inner.nest_parent.obj.id())
+            .finish()
+    }
+}
+
+fn user_len(op: &'static str, what: &str, len: usize) -> Result<u32> {
+    u32::try_from(len).map_err(|_| Error::invalid(op, format!("{what} of {len} bytes exceeds u32::MAX")))
+}
+
+impl Viommu {
+    /// Allocates a virtual IOMMU of `kind` on the physical IOMMU behind `device`, wrapping
+    /// `nest_parent` (`IOMMU_VIOMMU_ALLOC`, Linux 6.13).
+    ///
+    /// `nest_parent` must be a paging HWPT allocated with [`HwptFlags::NEST_PARENT`]; anything else is
+    /// rejected before the ioctl (the kernel would answer `EINVAL`). `data` is the driver-specific
+    /// structure for `kind` (for example `struct iommu_viommu_tegra241_cmdqv`), read and written back
+    /// by the kernel in place. A `kind` the IOMMU driver does not implement, and
+    /// [`ViommuType::Default`], give `EOPNOTSUPP` ([`Error::is_unsupported`]).
+    pub fn alloc(
+        device: &impl IommuDevice,
+        nest_parent: &Hwpt,
+        kind: ViommuType,
+        data: Option<&mut [u8]>,
+    ) -> Result<Viommu> {
+        let iommufd = device.iommufd();
+        iommufd.check_same(nest_parent.iommufd(), VIOMMU_ALLOC)?;
+        if nest_parent.kind() != HwptKind::Paging || !nest_parent.flags().contains(HwptFlags::NEST_PARENT) {
+            return Err(Error::invalid(
+                VIOMMU_ALLOC,
+                format!(
+                    "HWPT {} is not a paging HWPT allocated with HwptFlags::NEST_PARENT",
+                    nest_parent.id()
+                ),
+            ));
+        }
+        let mut arg = sys::iommu_viommu_alloc::new();
+        arg.type_ = kind.raw();
+        arg.dev_id = device.dev_id();
+        arg.hwpt_id = nest_parent.id();
+        if let Some(data) = data {
+            arg.data_len = user_len(VIOMMU_ALLOC, "driver data", data.len())?;
+            arg.data_uptr = data.as_mut_ptr() as u64;
+        }
+        // SAFETY: IOMMU_VIOMMU_ALLOC takes `iommu_viommu_alloc`, sized by `new()`. Its one user
+        // pointer, `data_uptr`, is null with `data_len` 0 or points at the `data_len` bytes of `data`,
+        // a slice exclusively borrowed for the whole call, which the kernel reads and writes (at most
+        // `data_len` bytes).
+        unsafe { ioctl::call(iommufd.as_fd(), &ioctl::VIOMMU_ALLOC, &mut arg) }?;
+        Ok(Viommu {
+            inner: Arc::new(ViommuInner {
+                obj: Object::new(iommufd, arg.out_viommu_id, "vIOMMU"),
+                nest_parent: nest_parent.inner.clone(),
+                kind,
+                hw_queues: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The kernel's id for the vIOMMU (a `pt_id` for nested HWPTs, an `hwpt_id` for invalidation).
+    pub fn id(&self) -> u32 {
+        self.inner.obj.id()
+    }
+
+    /// The kind it was allocated as.
+    pub fn kind(&self) -> ViommuType {
+        self.inner.kind
+    }
+
+    /// The nest-parent HWPT it wraps.
+    pub fn nest_parent(&self) -> Hwpt {
+        Hwpt { inner: self.inner.nest_parent.clone() }
+    }
+
+    /// The iommufd it belongs to.
+    pub fn iommufd(&self) -> &Iommufd {
+        self.inner.obj.iommufd()
+    }
+
+    /// Invalidates caches the vIOMMU owns on behalf of the guest: device caches (ATC), context
+    /// descriptor caches and the TLB entries of its nested tables, from commands the guest queued
+    /// (`IOMMU_HWPT_INVALIDATE` on a vIOMMU id, Linux 6.13). Returns how many entries the kernel
+    /// handled: all of them.
+    ///
+    /// Entries are typically [`InvalidateEntries::ArmSmmuv3`]; the semantics are those of
+    /// [`Hwpt::invalidate`]: the kernel stops at the first entry it refuses, and the
+    /// [`InvalidateError`] says how many took effect before it. An empty list
+    /// ([`InvalidateEntries::probe`]) asks whether the vIOMMU supports the data type.
+    pub fn invalidate(&self, entries: &InvalidateEntries<'_>) -> Result<u32, InvalidateError> {
+        invalidate_object(self.iommufd(), self.id(), entries)
+    }
+
+    /// Destroys the vIOMMU now, reporting failure; refused with [`Error::InUse`] while clones or
+    /// children (vDEVICEs, vEVENTQs, HW queues, nested HWPTs) still hold it. The nest parent is
+    /// released only after the kernel destroyed the vIOMMU.
+    pub fn destroy(self) -> Result<()> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(ViommuInner { obj, nest_parent, .. }) => {
+                let r = obj.destroy();
+                if r.is_err() {
+                    // The kernel still holds the nest parent: keep its handle rather than have it
+                    // fail (and log) its own destroy.
+                    std::mem::forget(nest_parent);
+                }
+                r
+            }
+            Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
+        }
+    }
+}
+
+impl sealed::Sealed for Viommu {}
+impl NestParent for Viommu {
+    fn nest_parent_id(&self) -> u32 {
+        self.id()
+    }
+
+    fn nest_parent_ref(&self) -> Result<ObjRef> {
+        Ok(ObjRef::new(self.iommufd(), self.id(), self.inner.clone()))
+    }
+}
+
+/// A virtual device (`IOMMU_VDEVICE_ALLOC`, Linux 6.13): a physical device as the VM sees it behind
+/// a vIOMMU, identified by its virtual id there (the vSID of an ARM SMMUv3, the vDeviceID of an AMD
+/// IOMMU, the vRID of Intel VT-d).
+///
+/// It keeps its vIOMMU and a clone of its device alive, so it is destroyed before both: the kernel
+/// wants a vDEVICE destroyed before its physical device (closing the device first would destroy the
+/// vDEVICE behind the handle and retire its id until the iommufd is closed).
+pub struct Vdevice {
+    // Field order is drop order: the vDEVICE first, then the vIOMMU and the device.
+    obj: Object,
+    viommu: Arc<ViommuInner>,
+    _device: Box<dyn Any + Send + Sync>,
+    dev_id: u32,
+    virt_id: u64,
+}
+
+impl std::fmt::Debug for Vdevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vdevice")
+            .field("id", &self.id())
+            .field("viommu", &self.viommu.obj.id())
+            .field("dev_id", &self.dev_id)
+            .field("virt_id", &self.virt_id)
+            .finish()
+    }
+}
+
+impl Vdevice {
+    /// Allocates the virtual instance of `device` on `viommu` with virtual id `virt_id`
+    /// (`IOMMU_VDEVICE_ALLOC`, Linux 6.13). The handle keeps a clone of `device` (a
+    /// [`BoundDevice`](crate::BoundDevice) or a mock device: cloning shares the device).
+    ///
+    /// The kernel answers `EEXIST` if the device already has a vDEVICE or `virt_id` is taken on this
+    /// vIOMMU, and `EINVAL` if the device is behind another physical IOMMU than the vIOMMU.
+    pub fn alloc<D>(viommu: &Viommu, device: &D, virt_id: u64) -> Result<Vdevice>
+    where
+        D: IommuDevice + Clone + Send + Sync + 'static,
+    {
+        let iommufd = viommu.iommufd();
+        iommufd.check_same(device.iommufd(), VDEVICE_ALLOC)?;
+        let mut arg = sys::iommu_vdevice_alloc::new();
+        arg.viommu_id = viommu.id();
+        arg.dev_id = device.dev_id();
+        arg.virt_id = virt_id;
+        // SAFETY: IOMMU_VDEVICE_ALLOC takes `iommu_vdevice_alloc`, sized by `new()`; it holds no
+        // pointers, and the kernel writes the new id back through the exclusive borrow.
+        unsafe { ioctl::call(iommufd.as_fd(), &ioctl::VDEVICE_ALLOC, &mut arg) }?;
+        Ok(Vdevice {
+            obj: Object::new(iommufd, arg.out_vdevice_id, "vDEVICE"),
+            viommu: viommu.inner.clone(),
+            _device: Box::new(device.clone()),
+            dev_id: device.dev_id(),
+            virt_id,
+        })
+    }
+
+    /// The kernel's id for the vDEVICE.
+    pub fn id(&self) -> u32 {
+        self.obj.id()
+    }
+
+    /// The virtual id it was allocated with.
+    pub fn virt_id(&self) -> u64 {
+        self.virt_id
+    }
+
+    /// The iommufd device id of the physical device.
+    pub fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    /// The id of its vIOMMU.
+    pub fn viommu_id(&self) -> u32 {
+        self.viommu.obj.id()
+    }
+
+    /// Destroys the vDEVICE now, reporting failure. The vIOMMU and the device are released only
+    /// after the kernel destroyed it.
+    pub fn destroy(self) -> Result<()> {
+        let Vdevice { obj, viommu, _device, .. } = self;
+        let r = obj.destroy();
+        if r.is_err() {
+            std::mem::forget(viommu);
+            std::mem::forget(_device);
+        }
+        r
+    }
+}
+
+/// The kind of a vEVENTQ (`enum iommu_veventq_type`), which also fixes the size of its events'
+/// payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VeventqType {
+    /// `IOMMU_VEVENTQ_TYPE_DEFAULT`: reserved by the kernel, which refuses it with `EOPNOTSUPP`.
+    Default,
+    /// ARM SMMUv3 event records (`IOMMU_VEVENTQ_TYPE_ARM_SMMUV3`, `struct iommu_vevent_arm_smmuv3`).
+    ArmSmmuv3,
+    /// Tegra241 CMDQV error maps (`IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV`,
+    /// `struct iommu_vevent_tegra241_cmdqv`).
+    Tegra241Cmdqv,
+    /// Any other type, with the size of its events' payload (the mock IOMMU's
+    /// `IOMMU_VEVENTQ_TYPE_SELFTEST` carries a 4-byte `struct iommu_viommu_event_selftest`). A wrong
+    /// `data_len` makes reads fail with [`Error::Protocol`] or misparse.
+    Raw {
+        /// The kernel's type value.
+        kind: u32,
+        /// Bytes of payload after each event header.
+        data_len: usize,
+    },
+}
+
+impl VeventqType {
+    /// The kernel's value.
+    pub fn raw(self) -> u32 {
+        match self {
+            VeventqType::Default => sys::IOMMU_VEVENTQ_TYPE_DEFAULT,
+            VeventqType::ArmSmmuv3 => sys::IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
+            VeventqType::Tegra241Cmdqv => sys::IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV,
+            VeventqType::Raw { kind, .. } => kind,
+        }
+    }
+
+    /// Bytes of payload after each event header.
+    pub fn data_len(self) -> usize {
+        match self {
+            VeventqType::Default => 0,
+            VeventqType::ArmSmmuv3 => size_of::<sys::iommu_vevent_arm_smmuv3>(),
+            VeventqType::Tegra241Cmdqv => size_of::<sys::iommu_vevent_tegra241_cmdqv>(),
+            VeventqType::Raw { data_len, .. } => data_len,
+        }
+    }
+}
+
+/// The payload of one vEVENT, decoded by the queue's [`VeventqType`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum VeventData {
+    /// A 256-bit ARM SMMUv3 event record (`evt`, converted from little endian). Its StreamID field
+    /// holds the virtual id of the [`Vdevice`].
+    ArmSmmuv3([u64; 4]),
+    /// The 128-bit Tegra241 logical VCMDQ error map (`lvcmdq_err_map`, converted from little endian).
+    Tegra241Cmdqv([u64; 2]),
+    /// The payload of a [`VeventqType::Raw`] queue, as the kernel wrote it.
+    Raw(Vec<u8>),
+}
+
+/// One vEVENT.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Vevent {
+    /// Its sequence number in the queue, in `0..=i32::MAX` (wrapping to 0).
+    pub sequence: u32,
+    /// The type-specific payload.
+    pub data: VeventData,
+}
+
+/// Events the kernel dropped (the queue was full, or it could not allocate memory for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LostEvents {
+    /// The sequence number of the first lost event.
+    pub first_sequence: u32,
+    /// How many consecutive events were lost.
+    pub count: u32,
+}
+
+/// What a read of a [`Veventq`] yields, in queue order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum VeventRecord {
+    /// An event.
+    Event(Vevent),
+    /// Events lost at this point of the stream: found from a gap in the sequence numbers or from
+    /// the kernel's `IOMMU_VEVENTQ_FLAG_LOST_EVENTS` header at the tail of the queue.
+    Lost(LostEvents),
+}
+
+/// vEVENT sequence numbers run over `0..=INT_MAX` and wrap to 0.
+const SEQ_MASK: u32 = i32::MAX as u32;
+const VEVENT_HEADER: usize = size_of::<sys::iommufd_vevent_header>();
+
+/// Lost-event accounting from the sequence numbers of a vEVENTQ's records.
+///
+/// The kernel numbers every event it accepts or drops. A dropped event leaves a gap before the next
+/// delivered one; if nothing was delivered after it yet, the queue ends with a `LOST_EVENTS` header
+/// carrying the sequence number of the last dropped event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SeqTracker {
+    /// The sequence number the next record should have (0 for a new queue).
+    next: u32,
+}
+
+impl SeqTracker {
+    fn advance(&mut self, seq: u32) {
+        self.next = (seq & SEQ_MASK).wrapping_add(1) & SEQ_MASK;
+    }
+
+    /// A delivered event numbered `seq`: the events lost just before it, if any.
+    pub(crate) fn event(&mut self, seq: u32) -> Option<LostEvents> {
+        let gap = seq.wrapping_sub(self.next) & SEQ_MASK;
+        let lost = (gap > 0).then_some(LostEvents { first_sequence: self.next, count: gap });
+        self.advance(seq);
+        lost
+    }
+
+    /// A `LOST_EVENTS` header numbered `seq` (the last dropped event): the events lost up to it.
+    pub(crate) fn lost_header(&mut self, seq: u32) -> LostEvents {
+        let count = (seq.wrapping_sub(self.next) & SEQ_MASK) + 1;
+        let lost = LostEvents { first_sequence: self.next, count };
+        self.advance(seq);
+        lost
+    }
+}
+
+fn le_words<const N: usize>(b: &[u8]) -> [u64; N] {
+    let mut out = [0u64; N];
+    for (w, chunk) in out.iter_mut().zip(b.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(chunk);
+        *w = u64::from_le_bytes(a);
+    }
+    out
+}
+
+fn decode_payload(kind: VeventqType, b: &[u8]) -> VeventData {
+    match kind {
+        VeventqType::ArmSmmuv3 => VeventData::ArmSmmuv3(le_words::<4>(b)),
+        VeventqType::Tegra241Cmdqv => VeventData::Tegra241Cmdqv(le_words::<2>(b)),
+        VeventqType::Default | VeventqType::Raw { .. } => VeventData::Raw(b.to_vec()),
+    }
+}
+
+/// Decodes the bytes of one read of a vEVENTQ into records, updating the lost-event accounting.
+/// Returns how many events were reported lost.
+pub(crate) fn parse_vevents(
+    kind: VeventqType,
+    mut bytes: &[u8],
+    tracker: &mut SeqTracker,
+    out: &mut Vec<VeventRecord>,
+) -> Result<u64> {
+    let torn = |detail: String| Error::Protocol { op: "read(vEVENTQ)", detail };
+    let data_len = kind.data_len();
+    let mut lost_total = 0u64;
+    while !bytes.is_empty() {
+        if bytes.len() < VEVENT_HEADER {
+            return Err(torn(format!("{} trailing bytes are not an event header", bytes.len())));
+        }
+        let (header, rest) = bytes.split_at(VEVENT_HEADER);
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&header[std::mem::offset_of!(sys::iommufd_vevent_header, flags)..][..4]);
+        let flags = u32::from_ne_bytes(a);
+        a.copy_from_slice(&header[std::mem::offset_of!(sys::iommufd_vevent_header, sequence)..][..4]);
+        let sequence = u32::from_ne_bytes(a);
+        if flags & sys::IOMMU_VEVENTQ_FLAG_LOST_EVENTS != 0 {
+            // A lost-events header has no payload.
+            let lost = tracker.lost_header(sequence);
+            lost_total += u64::from(lost.count);
+            out.push(VeventRecord::Lost(lost));
+            bytes = rest;
+            continue;
+        }
+        if rest.len() < data_len {
+            return Err(torn(format!(
+                "event {sequence} has {} payload bytes, its type needs {data_len}",
+                rest.len()
+            )));
+        }
+        let (payload, rest) = rest.split_at(data_len);
+        if let Some(lost) = tracker.event(sequence) {
+            lost_total += u64::from(lost.count);
+            out.push(VeventRecord::Lost(lost));
+        }
+        out.push(VeventRecord::Event(Vevent { sequence, data: decode_payload(kind, payload) }));
+        bytes = rest;
+    }
+    Ok(lost_total)
+}
+
+/// A virtual event queue (`IOMMU_VEVENTQ_ALLOC`, Linux 6.15): events the physical IOMMU reports for
+/// a vIOMMU (for example SMMUv3 translation faults of a guest's stage-1 table), owned as the kernel
+/// object id and its file descriptor.
+///
+/// The fd is pollable ([`AsFd`]; `POLLIN` while events are pending) and never blocks: read with
+/// [`read`](Self::read), wait with [`wait`](Self::wait). Events beyond the queue's depth are dropped
+/// by the kernel; the handle tracks sequence numbers and reports drops as
+/// [`VeventRecord::Lost`] in the stream, with a running total in [`lost_events`](Self::lost_events).
+///
+/// The handle keeps its vIOMMU alive. Closing closes the fd first and then destroys the object (the
+/// open fd holds the object: the other order fails with `EBUSY`).
+pub struct Veventq {
+    // Field order is drop order: fd, object, then the vIOMMU.
+    fd: OwnedFd,
+    obj: Object,
+    viommu: Arc<ViommuInner>,
+    kind: VeventqType,
+    depth: u32,
+    tracker: SeqTracker,
+    lost: u64,
+}
+
+impl std::fmt::Debug for Veventq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Veventq")
+            .field("id", &self.id())
+            .field("fd", &self.fd.as_raw_fd())
+            .field("viommu", &self.viommu.obj.id())
+            .field("kind", &self.kind)
+            .field("depth", &self.depth)
+            .field("lost", &self.lost)
+            .finish()
+    }
+}
+
+impl Veventq {
+    /// How many events one read asks for.
+    const BATCH: usize = 64;
+
+    /// Allocates an event queue of `kind` holding at most `depth` events on `viommu`
+    /// (`IOMMU_VEVENTQ_ALLOC`, Linux 6.15).
+    ///
+    /// A vIOMMU has at most one queue per type (`EEXIST`). The kernel caps `depth` (2^19 in Linux
+    /// 7.3, `EINVAL` above); a zero depth is rejected before the ioctl. A type the driver does not
+    /// report, and [`VeventqType::Default`], give `EOPNOTSUPP`.
+    pub fn alloc(viommu: &Viommu, kind: VeventqType, depth: u32) -> Result<Veventq> {
+        if depth == 0 {
+            return Err(Error::invalid(VEVENTQ_ALLOC, "the depth is zero"));
+        }
+        let iommufd = viommu.iommufd();
+        let mut arg = sys::iommu_veventq_alloc::new();
+        arg.viommu_id = viommu.id();
+        arg.type_ = kind.raw();
+        arg.veventq_depth = depth;
+        // SAFETY: IOMMU_VEVENTQ_ALLOC takes `iommu_veventq_alloc`, sized by `new()`; it holds no
+        // pointers, and the kernel writes the new id and fd back through the exclusive borrow.
+        unsafe { ioctl::call(iommufd.as_fd(), &ioctl::VEVENTQ_ALLOC, &mut arg) }?;
+        // SAFETY: on success the kernel installed `out_veventq_fd` in this process's fd table as a
+        // new O_CLOEXEC file that nothing else refers to; ownership passes to us here, at once.
+        let fd = unsafe { OwnedFd::from_raw_fd(arg.out_veventq_fd as RawFd) };
+        Ok(Veventq {
+            fd,
+            obj: Object::new(iommufd, arg.out_veventq_id, "vEVENTQ"),
+            viommu: viommu.inner.clone(),
+            kind,
+            depth,
+            tracker: SeqTracker::default(),
+            lost: 0,
+        })
+    }
+
+    /// The kernel's id for the queue.
+    pub fn id(&self) -> u32 {
+        self.obj.id()
+    }
+
+    /// The type it was allocated with.
+    pub fn kind(&self) -> VeventqType {
+        self.kind
+    }
+
+    /// The most events the kernel holds before dropping new ones.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// The id of its vIOMMU.
+    pub fn viommu_id(&self) -> u32 {
+        self.viommu.obj.id()
+    }
+
+    /// How many events the kernel dropped so far, as seen by the reads of this handle.
+    pub fn lost_events(&self) -> u64 {
+        self.lost
+    }
+
+    /// Reads every pending event without blocking (an empty vector: none pending). Dropped events
+    /// appear as [`VeventRecord::Lost`] where they were dropped.
+    ///
+    /// Lost-event accounting assumes every read of the fd goes through this handle.
+    pub fn read(&mut self) -> Result<Vec<VeventRecord>> {
+        const OP: &str = "read(vEVENTQ)";
+        let record = VEVENT_HEADER + self.kind.data_len();
+        let mut buf = vec![0u8; Self::BATCH * record];
+        let mut out = Vec::new();
+        loop {
+            let n = match rustix::io::read(self.fd.as_fd(), &mut buf) {
+                Ok(n) => n,
+                Err(Errno::INVAL) => {
+                    return Err(Error::Protocol {
+                        op: OP,
+                        detail: format!(
+                            "the next event does not fit {record} bytes: wrong data_len for this queue type"
+                        ),
+                    });
+                }
+                Err(e) => return Err(Error::os(OP, e)),
+            };
+            self.lost += parse_vevents(self.kind, &buf[..n], &mut self.tracker, &mut out)?;
+            // The kernel stops early only when the queue is empty (a lost-events header is shorter
+            // than a record, so room for a whole record means nothing more was pending).
+            if buf.len() - n >= record {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Waits until an event is pending or `timeout` passes (`None`: no limit). Returns whether one
+    /// is pending.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
+        poll_readable(self.fd.as_fd(), timeout, "poll(vEVENTQ)")
+    }
+
+    /// Waits as [`wait`](Self::wait) does, then reads every pending event (empty on timeout).
+    pub fn read_timeout(&mut self, timeout: Option<Duration>) -> Result<Vec<VeventRecord>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if !self.wait(remaining)? {
+                return Ok(Vec::new());
+            }
+            let records = self.read()?;
+            if !records.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(records);
+            }
+        }
+    }
+
+    /// Closes the fd, then destroys the object, reporting failure (`EBUSY` if a duplicate of the fd
+    /// is still open). The vIOMMU is released only after the kernel destroyed the queue.
+    pub fn close(self) -> Result<()> {
+        let Veventq { fd, obj, viommu, .. } = self;
+        drop(fd);
+        let r = obj.destroy();
+        if r.is_err() {
+            std::mem::forget(viommu);
+        }
+        r
+    }
+}
+
+impl AsFd for Veventq {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Veventq {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A [`Veventq`] registered with the tokio reactor (feature `tokio`).
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct AsyncVeventq {
+    inner: tokio::io::unix::AsyncFd<Veventq>,
+}
+
+#[cfg(feature = "tokio")]
+impl AsyncVeventq {
+    /// Registers `queue` for readiness with the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a tokio runtime, or in one built without I/O (`enable_io`).
+    pub fn new(queue: Veventq) -> Result<AsyncVeventq> {
+        // SAFETY: the `Veventq` moves into the `AsyncFd` and owns its fd: `as_raw_fd` always returns
+        // that one fd, which stays open until the `Veventq` is dropped, after the `AsyncFd` has
+        // deregistered it (on drop or `into_inner`).
+        let inner =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(queue, tokio::io::Interest::READABLE) }
+                .map_err(|e| {
+                    Error::os(
+                        "AsyncFd::register(vEVENTQ)",
+                        Errno::from_io_error(&e.into()).unwrap_or(Errno::IO),
+                    )
+                })?;
+        Ok(AsyncVeventq { inner })
+    }
+
+    /// Waits for events and reads every pending one (never empty).
+    pub async fn read(&mut self) -> Result<Vec<VeventRecord>> {
+        loop {
+            let mut guard = self
+                .inner
+                .readable_mut()
+                .await
+                .map_err(|e| Error::os("poll(vEVENTQ)", Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
+            let records = guard.get_inner_mut().read()?;
+            if !records.is_empty() {
+                return Ok(records);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// The queue.
+    pub fn get_ref(&self) -> &Veventq {
+        self.inner.get_ref()
+    }
+
+    /// Deregisters from the reactor and returns the queue.
+    pub fn into_inner(self) -> Veventq {
+        self.inner.into_inner()
+    }
+}
+
+/// The kind of a hardware queue (`enum iommu_hw_queue_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HwQueueType {
+    /// `IOMMU_HW_QUEUE_TYPE_DEFAULT`: reserved by the kernel, which refuses it with `EOPNOTSUPP`.
+    Default,
+    /// An NVIDIA Tegra241 CMDQV virtual command queue (`IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV`).
+    Tegra241Cmdqv,
+    /// Any other value, for example the mock IOMMU's `IOMMU_HW_QUEUE_TYPE_SELFTEST`.
+    Raw(u32),
+}
+
+impl HwQueueType {
+    /// The kernel's value.
+    pub fn raw(self) -> u32 {
+        match self {
+            HwQueueType::Default => sys::IOMMU_HW_QUEUE_TYPE_DEFAULT,
+            HwQueueType::Tegra241Cmdqv => sys::IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV,
+            HwQueueType::Raw(v) => v,
+        }
+    }
+}
+
+struct HwQueueInner {
+    // Field order is drop order: this queue, then the queue of the index below, then the vIOMMU.
+    obj: Object,
+    _prev: Option<Arc<HwQueueInner>>,
+    viommu: Arc<ViommuInner>,
+    kind: HwQueueType,
+    index: u32,
+    iova: u64,
+    length: u64,
+}
+
+/// A hardware-accelerated queue of a vIOMMU (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17), such as a Tegra241
+/// CMDQV virtual command queue that the hardware reads directly from guest memory.
+///
+/// The queue memory is given as an address range in the **nest parent's IOAS** (a guest physical
+/// address when the nest parent maps guest RAM), not as a user pointer. The kernel requires that
+/// range to be mapped in the IOAS and backed by physically contiguous pages (`EFAULT` otherwise; a
+/// single page always is), and pins it for the queue's lifetime: until the queue is destroyed,
+/// unmapping the range fails with `EBUSY` (a [`Mapping`](crate::Mapping) guard dropped meanwhile
+/// logs the failure and leaks its memory rather than freeing it). Destroy the queue before
+/// unmapping its memory.
+///
+/// The handle keeps its vIOMMU alive. Drivers make a queue depend on the queue of the same type and
+/// the index below it (the kernel refuses to destroy that one first): the handle of a queue with
+/// index `n > 0` keeps the handle of index `n - 1` alive, if this crate allocated it.
+pub struct HwQueue {
+    inner: Arc<HwQueueInner>,
+}
+
+impl std::fmt::Debug for HwQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HwQueue")
+            .field("id", &self.id())
+            .field("viommu", &self.inner.viommu.obj.id())
+            .field("kind", &self.inner.kind)
+            .field("index", &self.inner.index)
+            .field("iova", &self.inner.iova)
+            .field("length", &self.inner.length)
+            .finish()
+    }
+}
+
+impl HwQueue {
+    /// Allocates queue `index` of `kind` on `viommu`, reading the `length` bytes at `iova` of the
+    /// nest parent's IOAS (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17).
+    ///
+    /// A zero length or a range that overflows is rejected before the ioctl. The kernel answers
+    /// `EOPNOTSUPP` for a type the vIOMMU lacks (and for [`HwQueueType::Default`]), and the driver
+    /// decides which indexes are valid (`EEXIST` for a taken one; drivers that chain queues refuse
+    /// index `n` before `n - 1` exists).
+    pub fn alloc(viommu: &Viommu, kind: HwQueueType, index: u32, iova: u64, length: u64) -> Result<HwQueue> {
+        if length == 0 {
+            return Err(Error::invalid(HW_QUEUE_ALLOC, "the queue length is zero"));
+        }
+        if iova.checked_add(length - 1).is_none() {
+            return Err(Error::invalid(
+                HW_QUEUE_ALLOC,
+                format!("range {iova:#x}+{length:#x} overflows the address space"),
+            ));
+        }
+        let iommufd = viommu.iommufd();
+        let mut arg = sys::iommu_hw_queue_alloc::new();
+        arg.viommu_id = viommu.id();
+        arg.type_ = kind.raw();
+        arg.index = index;
+        arg.nesting_parent_iova = iova;
+        arg.length = length;
+        // The registry lock is held across the ioctl so that two allocations on one vIOMMU cannot
+        // miss each other's entries.
+        let mut registry = viommu.inner.hw_queues.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = index.checked_sub(1).and_then(|p| registry.get(&(kind.raw(), p))).and_then(Weak::upgrade);
+        // SAFETY: IOMMU_HW_QUEUE_ALLOC takes `iommu_hw_queue_alloc`, sized by `new()`; it holds no
+        // user pointers (`nesting_parent_iova` is an IOVA the kernel resolves through the IOAS and pins
+        // itself), and the kernel writes the new id back through the exclusive borrow.
+        unsafe { ioctl::call(iommufd.as_fd(), &ioctl::HW_QUEUE_ALLOC, &mut arg) }?;
+        let inner = Arc::new(HwQueueInner {
+            obj: Object::new(iommufd, arg.out_hw_queue_id, "HW queue"),
+            _prev: prev,
+            viommu: viommu.inner.clone(),
+            kind,
+            index,
+            iova,
+            length,
+        });
+        registry.retain(|_, q| q.strong_count() > 0);
+        registry.insert((kind.raw(), index), Arc::downgrade(&inner));
+        Ok(HwQueue { inner })
+    }
+
+    /// The kernel's id for the queue.
+    pub fn id(&self) -> u32 {
+        self.inner.obj.id()
+    }
+
+    /// The type it was allocated with.
+    pub fn kind(&self) -> HwQueueType {
+        self.inner.kind
+    }
+
+    /// Its index among the vIOMMU's queues of its type.
+    pub fn index(&self) -> u32 {
+        self.inner.index
+    }
+
+    /// The queue memory: its address in the nest parent's IOAS and its length.
+    pub fn range(&self) -> (u64, u64) {
+        (self.inner.iova, self.inner.length)
+    }
+
+    /// The id of its vIOMMU.
+    pub fn viommu_id(&self) -> u32 {
+        self.inner.viommu.obj.id()
+    }
+
+    /// Destroys the queue now, reporting failure; refused with [`Error::InUse`] while the queue of
+    /// the next index still holds it. The vIOMMU (and the queue below) are released only after the
+    /// kernel destroyed it.
+    pub fn destroy(self) -> Result<()> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(HwQueueInner { obj, _prev, viommu, .. }) => {
+                let r = obj.destroy();
+                if r.is_err() {
+                    std::mem::forget(_prev);
+                    std::mem::forget(viommu);
+                }
+                r
+            }
+            Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(flags: u32, sequence: u32) -> Vec<u8> {
+        let mut v = flags.to_ne_bytes().to_vec();
+        v.extend_from_slice(&sequence.to_ne_bytes());
+        v
+    }
+
+    const SELFTEST: VeventqType = VeventqType::Raw { kind: 0xbeef_beef, data_len: 4 };
+
+    fn event(sequence: u32, virt_id: u32) -> Vec<u8> {
+        let mut v = header(0, sequence);
+        v.extend_from_slice(&virt_id.to_ne_bytes());
+        v
+    }
+
+    fn lost(sequence: u32) -> Vec<u8> {
+        header(sys::IOMMU_VEVENTQ_FLAG_LOST_EVENTS, sequence)
+    }
+
+    #[test]
+    fn type_values() {
+        assert_eq!(ViommuType::ArmSmmuv3.raw(), 1);
+        assert_eq!(ViommuType::from_raw(2), ViommuType::Tegra241Cmdqv);
+        assert_eq!(ViommuType::from_raw(0xdead_beef), ViommuType::Raw(0xdead_beef));
+        assert_eq!(ViommuType::from_raw(ViommuType::Default.raw()), ViommuType::Default);
+        assert_eq!(VeventqType::ArmSmmuv3.data_len(), 32);
+        assert_eq!(VeventqType::Tegra241Cmdqv.data_len(), 16);
+        assert_eq!(HwQueueType::Tegra241Cmdqv.raw(), 1);
+        assert_eq!(VEVENT_HEADER, 8);
+    }
+
+    #[test]
+    fn in_order_stream_loses_nothing() {
+        let mut t = SeqTracker::default();
+        let mut out = Vec::new();
+        let bytes = [event(0, 5), event(1, 5), event(2, 6)].concat();
+        assert_eq!(parse_vevents(SELFTEST, &bytes, &mut t, &mut out).unwrap(), 0);
+        assert_eq!(out.len(), 3);
+        assert_eq!(
+            out[2],
+            VeventRecord::Event(Vevent { sequence: 2, data: VeventData::Raw(6u32.to_ne_bytes().to_vec()) })
+        );
+        assert_eq!(t.next, 3);
+    }
+
+    #[test]
+    fn overflow_tail_header_counts_every_dropped_event() {
+        // Depth 2, four events reported: 0 and 1 queued, 2 and 3 dropped; the kernel leaves one
+        // lost-events header numbered 3 at the tail.
+        let mut t = SeqTracker::default();
+        let mut out = Vec::new();
+        let bytes = [event(0, 1), event(1, 1), lost(3)].concat();
+        assert_eq!(parse_vevents(SELFTEST, &bytes, &mut t, &mut out).unwrap(), 2);
+        assert_eq!(out[2], VeventRecord::Lost(LostEvents { first_sequence: 2, count: 2 }));
+        // The next delivered event follows without a gap.
+        out.clear();
+        assert_eq!(parse_vevents(SELFTEST, &event(4, 1), &mut t, &mut out).unwrap(), 0);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn gap_before_an_event_is_reported_before_it() {
+        let mut t = SeqTracker::default();
+        let mut out = Vec::new();
+        let bytes = [event(0, 1), event(3, 1)].concat();
+        assert_eq!(parse_vevents(SELFTEST, &bytes, &mut t, &mut out).unwrap(), 2);
+        assert_eq!(out[1], VeventRecord::Lost(LostEvents { first_sequence: 1, count: 2 }));
+        assert!(matches!(out[2], VeventRecord::Event(Vevent { sequence: 3, .. })));
+    }
+
+    #[test]
+    fn lost_header_first_thing_in_a_new_queue() {
+        // A kernel that could not allocate the very first event reports it with a header numbered 0.
+        let mut t = SeqTracker::default();
+        let mut out = Vec::new();
+        assert_eq!(parse_vevents(SELFTEST, &lost(0), &mut t, &mut out).unwrap(), 1);
+        assert_eq!(out, [VeventRecord::Lost(LostEvents { first_sequence: 0, count: 1 })]);
+    }
+
+    #[test]
+    fn sequence_wraps_at_int_max() {
+        let max = i32::MAX as u32;
+        let mut t = SeqTracker { next: max - 1 };
+        assert_eq!(t.event(max - 1), None);
+        assert_eq!(t.event(max), None);
+        assert_eq!(t.event(0), None);
+        // After the wrap, next is 1: event 2 means event 1 was lost.
+        assert_eq!(t.event(2), Some(LostEvents { first_sequence: 1, count: 1 }));
+        let mut t = SeqTracker { next: max };
+        assert_eq!(t.event(1), Some(LostEvents { first_sequence: max, count: 2 }));
+        let mut t = SeqTracker { next: max };
+        assert_eq!(t.lost_header(0), LostEvents { first_sequence: max, count: 2 });
+        assert_eq!(t.next, 1);
+    }
+
+    #[test]
+    fn typed_payloads_are_little_endian() {
+        let mut t = SeqTracker::default();
+        let mut out = Vec::new();
+        let mut bytes = header(0, 0);
+        for w in [1u64, 2, 3, 0x0102_0304_0506_0708] {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        parse_vevents(VeventqType::ArmSmmuv3, &bytes, &mut t, &mut out).unwrap();
+        assert_eq!(
+            out,
+            [VeventRecord::Event(Vevent {
+                sequence: 0,
+                data: VeventData::ArmSmmuv3([1, 2, 3, 0x0102_0304_0506_0708])
+            })]
+        );
+        let mut bytes = header(0, 1);
+        bytes.extend_from_slice(&5u64.to_le_bytes());
+        bytes.extend_from_slice(&6u64.to_le_bytes());
+        out.clear();
+        parse_vevents(VeventqType::Tegra241Cmdqv, &bytes, &mut t, &mut out).unwrap();
+        assert_eq!(
+            out,
+            [VeventRecord::Event(Vevent { sequence: 1, data: VeventData::Tegra241Cmdqv([5, 6]) })]
+        );
+    }
+
+    #[test]
+    fn torn_records_are_protocol_errors() {
+        let mut out = Vec::new();
+        let bytes = event(0, 1);
+        for cut in [3, 8, 11] {
+            let mut t = SeqTracker::default();
+            assert!(matches!(
+                parse_vevents(SELFTEST, &bytes[..cut], &mut t, &mut out),
+                Err(Error::Protocol { .. })
+            ));
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! vIOMMU, vDEVICE, vEVENTQ and HW queue on the kernel's mock IOMMU (`CONFIG_IOMMUFD_TEST`): the
+//! success paths, the kernel's refusals, and teardown order (children before the vIOMMU, the vIOMMU
+//! before its nest parent), proven by `ENOENT` from `IOMMU_DESTROY` once the handles are gone.
+#![cfg(feature = "testing")]
+
+use std::time::Duration;
+
+use iommufd::sys::testing as tsys;
+use iommufd::testing::{self, MockDevice};
+use iommufd::{
+    Access, DmaBuffer, Errno, Error, HwQueue, HwQueueType, Hwpt, HwptFlags, InvalidateEntries, Iommufd, Iova,
+    LostEvents, NestedData, Vdevice, Vevent, VeventData, VeventRecord, Veventq, VeventqType, Viommu,
+    ViommuType, page_size,
+};
+
+const MOCK_VIOMMU: ViommuType = ViommuType::Raw(tsys::IOMMU_VIOMMU_TYPE_SELFTEST);
+/// The mock's events carry `struct iommu_viommu_event_selftest` (the device's virtual id, a u32).
+const MOCK_VEVENTQ: VeventqType = VeventqType::Raw { kind: tsys::IOMMU_VEVENTQ_TYPE_SELFTEST, data_len: 4 };
+const MOCK_HW_QUEUE: HwQueueType = HwQueueType::Raw(tsys::IOMMU_HW_QUEUE_TYPE_SELFTEST);
+const VIRT_ID: u64 = 0x42;
+
+#[track_caller]
+fn errno<T: std::fmt::Debug>(r: iommufd::Result<T>) -> Errno {
+    match r {
+        Err(e) => e.errno().unwrap_or_else(|| panic!("expected a kernel error, got {e}")),
+        Ok(v) => panic!("expected a kernel error, got Ok({v:?})"),
+    }
+}
+
+#[track_caller]
+fn assert_in_use<T: std::fmt::Debug>(r: iommufd::Result<T>) {
+    match r {
+        Err(Error::InUse { .. }) => {}
+        other => panic!("expected Error::InUse, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(r: iommufd::Result<T>) {
+    match r {
+        Err(Error::InvalidArgument { .. }) => {}
+        other => panic!("expected Error::InvalidArgument, got {other:?}"),
+    }
+}
+
+/// True if `id` names no object of `iommufd`.
+///
+/// Only called for ids whose handles are gone: if one were still alive this would destroy it, and the
+/// assertion around it fail.
+fn gone(iommufd: &Iommufd, id: u32) -> bool {
+    // SAFETY: the handle that owned `id` has been dropped or destroyed (see above).
+    unsafe { iommufd.destroy_raw(id) }.err().and_then(|e| e.errno()) == Some(Errno::NOENT)
+}
+
+/// The kernel refuses to destroy `id` because something still uses it (so it is alive, untouched).
+fn busy(iommufd: &Iommufd, id: u32) -> bool {
+    // SAFETY: a destroy the kernel refuses with EBUSY changes nothing; if it succeeded, the caller's
+    // assertion fails.
+    unsafe { iommufd.destroy_raw(id) }.err().and_then(|e| e.errno()) == Some(Errno::BUSY)
+}
+
+/// Warnings and errors this crate logs (through the `log` crate), captured so a test can assert that
+/// a teardown logged nothing: `Drop` reports failures only there.
+mod logs {
+    use std::sync::{Mutex, Once};
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                LINES.lock().unwrap_or_else(|e| e.into_inner()).push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    /// Starts capturing (once per test binary) and forgets what was captured so far.
+    pub fn start() {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            log::set_logger(&Capture).expect("no other logger in this test binary");
+            log::set_max_level(log::LevelFilter::Warn);
+        });
+        take();
+    }
+
+    /// What was logged since the last call.
+    pub fn take() -> Vec<String> {
+        std::mem::take(&mut *LINES.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A mock device on an IOAS and a nest-parent HWPT for it.
+fn setup() -> (Iommufd, iommufd::Ioas, MockDevice, Hwpt) {
+    let iommufd = Iommufd::open().expect("open /dev/iommu");
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let dev = MockDevice::new(&ioas).expect("mock device (CONFIG_IOMMUFD_TEST)");
+    let parent = Hwpt::alloc(&dev, &ioas, HwptFlags::NEST_PARENT).expect("nest-parent HWPT");
+    (iommufd, ioas, dev, parent)
+}
+
+/// `struct iommu_hwpt_selftest` for a nested mock domain.
+fn mock_nested_data() -> NestedData {
+    let mut bytes = tsys::IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes().to_vec();
+    bytes.extend_from_slice(&0u32.to_ne_bytes());
+    NestedData::Raw { data_type: tsys::IOMMU_HWPT_DATA_SELFTEST, bytes }
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn viommu_children_and_explicit_teardown() {
+    let (iommufd, _ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).expect("IOMMU_VIOMMU_ALLOC");
+    assert_ne!(viommu.id(), 0);
+    assert_eq!(viommu.kind(), MOCK_VIOMMU);
+    assert_eq!(viommu.nest_parent().id(), parent.id());
+
+    // The vIOMMU holds its nest parent: refused here, and by the kernel.
+    assert_in_use(parent.clone().destroy());
+    assert!(busy(&iommufd, parent.id()));
+
+    let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).expect("IOMMU_VDEVICE_ALLOC");
+    assert_eq!((vdev.virt_id(), vdev.dev_id(), vdev.viommu_id()), (VIRT_ID, dev.dev_id(), viommu.id()));
+    let veventq = Veventq::alloc(&viommu, MOCK_VEVENTQ, 8).expect("IOMMU_VEVENTQ_ALLOC");
+    assert_eq!((veventq.viommu_id(), veventq.depth()), (viommu.id(), 8));
+
+    // Children hold the vIOMMU: our InUse before any ioctl, and the kernel's EBUSY.
+    assert_in_use(viommu.clone().destroy());
+    assert!(busy(&iommufd, viommu.id()));
+    // The vDEVICE holds its device: it cannot be closed under it.
+    assert_in_use(dev.clone().close());
+
+    let (vdev_id, veventq_id, viommu_id, parent_id) = (vdev.id(), veventq.id(), viommu.id(), parent.id());
+    vdev.destroy().unwrap();
+    veventq.close().unwrap();
+    assert!(gone(&iommufd, vdev_id) && gone(&iommufd, veventq_id));
+    viommu.destroy().unwrap();
+    assert!(gone(&iommufd, viommu_id));
+    parent.destroy().unwrap();
+    assert!(gone(&iommufd, parent_id));
+    dev.close().unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn dropping_parents_first_still_tears_down_children_first() {
+    logs::start();
+    let (iommufd, ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    let veventq = Veventq::alloc(&viommu, MOCK_VEVENTQ, 4).unwrap();
+    let ids = [vdev.id(), veventq.id(), viommu.id(), parent.id()];
+
+    // Drop the parents' handles first: the children keep them alive in the kernel.
+    drop(parent);
+    drop(viommu);
+    assert!(busy(&iommufd, ids[2]), "the vIOMMU outlives its handle while children exist");
+    assert!(busy(&iommufd, ids[3]), "the nest parent outlives its handle while the vIOMMU exists");
+
+    drop(vdev);
+    assert!(busy(&iommufd, ids[2]), "the vEVENTQ still holds the vIOMMU");
+    // The last child goes, and with it the vIOMMU and then the nest parent, in that order.
+    drop(veventq);
+    for id in ids {
+        assert!(gone(&iommufd, id), "object {id} leaked");
+    }
+    drop(dev);
+    ioas.destroy().unwrap();
+    assert_eq!(logs::take(), Vec::<String>::new(), "every drop succeeded");
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn viommu_driver_data_is_read_and_written_back() {
+    let (_iommufd, _ioas, dev, parent) = setup();
+    // struct iommu_viommu_selftest { in_data, out_data, out_mmap_offset, out_mmap_length }.
+    let mut data = [0u8; 24];
+    data[..4].copy_from_slice(&0xcafe_f00du32.to_ne_bytes());
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, Some(&mut data)).unwrap();
+    assert_eq!(u32::from_ne_bytes(data[4..8].try_into().unwrap()), 0xcafe_f00d, "out_data loops back");
+    let mmap_len = u64::from_ne_bytes(data[16..24].try_into().unwrap());
+    assert_eq!(mmap_len, 2 * page_size() as u64, "out_mmap_length");
+    drop(viommu);
+
+    // Too short for the driver's structure (it needs at least up to `out_data`).
+    let mut short = [0u8; 2];
+    assert_eq!(errno(Viommu::alloc(&dev, &parent, MOCK_VIOMMU, Some(&mut short))), Errno::INVAL);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn viommu_alloc_errors() {
+    let (iommufd, ioas, dev, parent) = setup();
+
+    // Not a nest parent: refused before the ioctl (the kernel would say EINVAL).
+    let plain = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
+    assert_invalid(Viommu::alloc(&dev, &plain, MOCK_VIOMMU, None));
+
+    // Types the mock driver does not implement, and the reserved default type.
+    for kind in
+        [ViommuType::Default, ViommuType::ArmSmmuv3, ViommuType::Tegra241Cmdqv, ViommuType::Raw(0x1234)]
+    {
+        let e = Viommu::alloc(&dev, &parent, kind, None).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::OPNOTSUPP), "{kind:?}: {e}");
+        assert!(e.is_unsupported());
+    }
+
+    // A device of another iommufd.
+    let other = Iommufd::open().unwrap();
+    let other_ioas = other.alloc_ioas().unwrap();
+    let other_dev = MockDevice::new(&other_ioas).unwrap();
+    assert!(matches!(
+        Viommu::alloc(&other_dev, &parent, MOCK_VIOMMU, None),
+        Err(Error::ForeignObject { .. })
+    ));
+
+    // A raw IOMMU_DESTROY of the nest parent while a vIOMMU wraps it: EBUSY.
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    assert!(busy(&iommufd, parent.id()));
+    drop(viommu);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn vdevice_errors() {
+    let (iommufd, ioas, dev, parent) = setup();
+    let dev2 = MockDevice::new(&ioas).unwrap();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    // One vDEVICE per device, and one device per virtual id.
+    assert_eq!(errno(Vdevice::alloc(&viommu, &dev, VIRT_ID + 1)), Errno::EXIST);
+    assert_eq!(errno(Vdevice::alloc(&viommu, &dev2, VIRT_ID)), Errno::EXIST);
+    let vdev2 = Vdevice::alloc(&viommu, &dev2, VIRT_ID + 1).unwrap();
+    // A destroyed vDEVICE frees its virtual id.
+    let id = vdev.id();
+    vdev.destroy().unwrap();
+    assert!(gone(&iommufd, id));
+    let again = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    drop((again, vdev2));
+    viommu.destroy().unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn veventq_errors() {
+    let (_iommufd, _ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    assert_eq!(errno(Veventq::alloc(&viommu, VeventqType::Default, 8)), Errno::OPNOTSUPP);
+    assert_invalid(Veventq::alloc(&viommu, MOCK_VEVENTQ, 0));
+    assert_eq!(errno(Veventq::alloc(&viommu, MOCK_VEVENTQ, (1 << 19) + 1)), Errno::INVAL);
+    let q = Veventq::alloc(&viommu, MOCK_VEVENTQ, 1 << 19).unwrap();
+    // One queue per type and vIOMMU.
+    assert_eq!(errno(Veventq::alloc(&viommu, MOCK_VEVENTQ, 8)), Errno::EXIST);
+    // The queue's fd holds its object: only closing it first lets the destroy succeed (which
+    // `close` does); a duplicate of the fd keeps it busy.
+    let dup = rustix::io::dup(&q).unwrap();
+    assert_eq!(errno(q.close()), Errno::BUSY);
+    drop(dup);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn vevents_are_delivered_and_losses_accounted() {
+    let (iommufd, ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    // The mock reports events for a device attached to a nested table of the vIOMMU.
+    let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
+    assert_eq!(nested.parent_id(), viommu.id());
+    dev.replace(&nested).unwrap();
+
+    // No queue of the mock's type yet: the kernel has nowhere to put the event.
+    assert_eq!(errno(dev.trigger_vevent()), Errno::OPNOTSUPP);
+
+    let mut q = Veventq::alloc(&viommu, MOCK_VEVENTQ, 2).unwrap();
+    assert!(!q.wait(Some(Duration::from_millis(20))).unwrap(), "nothing pending yet");
+    assert!(q.read().unwrap().is_empty());
+    dev.trigger_vevent().unwrap();
+    assert!(q.wait(Some(Duration::from_secs(5))).unwrap());
+    let payload = VeventData::Raw((VIRT_ID as u32).to_ne_bytes().to_vec());
+    let event = |sequence| VeventRecord::Event(Vevent { sequence, data: payload.clone() });
+    assert_eq!(q.read().unwrap(), [event(0)]);
+
+    // Overflow a queue of depth 2 with four events: two arrive, two are reported lost.
+    for _ in 0..4 {
+        dev.trigger_vevent().unwrap();
+    }
+    assert_eq!(
+        q.read().unwrap(),
+        [event(1), event(2), VeventRecord::Lost(LostEvents { first_sequence: 3, count: 2 })]
+    );
+    assert_eq!(q.lost_events(), 2);
+    // The stream continues without a further gap.
+    dev.trigger_vevent().unwrap();
+    assert_eq!(q.read_timeout(Some(Duration::from_secs(5))).unwrap(), [event(5)]);
+    assert_eq!(q.lost_events(), 2);
+
+    // Teardown: move the device off the nested table, then children before parents.
+    dev.replace(&ioas).unwrap();
+    let ids = [q.id(), vdev.id(), nested.id(), viommu.id(), parent.id()];
+    q.close().unwrap();
+    vdev.destroy().unwrap();
+    nested.destroy().unwrap();
+    viommu.destroy().unwrap();
+    parent.destroy().unwrap();
+    for id in ids {
+        assert!(gone(&iommufd, id), "object {id} leaked");
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn viommu_invalidation_reaches_the_device_cache() {
+    let (_iommufd, _ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    let probe = InvalidateEntries::probe(tsys::IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST);
+    assert_eq!(viommu.invalidate(&probe).unwrap(), 0);
+
+    // struct iommu_viommu_invalidate_selftest { flags, vdev_id, cache_id }.
+    let entry = |flags: u32, vdev_id: u32, cache_id: u32| {
+        [flags, vdev_id, cache_id].iter().flat_map(|w| w.to_ne_bytes()).collect::<Vec<u8>>()
+    };
+    for i in 0..testing::DEV_CACHE_ENTRIES {
+        dev.check_dev_cache(i, testing::DEV_CACHE_DEFAULT).unwrap();
+    }
+    let one = entry(0, VIRT_ID as u32, 2);
+    let raw = |bytes| InvalidateEntries::Raw {
+        data_type: tsys::IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST,
+        entry_len: 12,
+        bytes,
+    };
+    assert_eq!(viommu.invalidate(&raw(&one)).unwrap(), 1);
+    dev.check_dev_cache(2, 0).unwrap();
+    dev.check_dev_cache(1, testing::DEV_CACHE_DEFAULT).unwrap();
+
+    // The kernel stops at the first bad entry (cache id out of range) and says how many it handled.
+    let two = [entry(0, VIRT_ID as u32, 1), entry(0, VIRT_ID as u32, 99)].concat();
+    let e = viommu.invalidate(&raw(&two)).unwrap_err();
+    assert_eq!(e.handled, 1);
+    assert_eq!(e.error.errno(), Some(Errno::INVAL));
+    dev.check_dev_cache(1, 0).unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn hw_queues_pin_their_memory_and_chain() {
+    let (iommufd, ioas, dev, parent) = setup();
+    let page = page_size() as u64;
+    let iova = testing::APERTURE.start;
+    let mapping =
+        ioas.map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+
+    // Refused before the ioctl.
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova, 0));
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, u64::MAX, 2));
+    // The kernel's answers: reserved and unknown types, unmapped memory, an index out of order.
+    assert_eq!(errno(HwQueue::alloc(&viommu, HwQueueType::Default, 0, iova, page)), Errno::OPNOTSUPP);
+    assert_eq!(errno(HwQueue::alloc(&viommu, HwQueueType::Raw(0x1234), 0, iova, page)), Errno::OPNOTSUPP);
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova + 16 * page, page)), Errno::NOENT);
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 1, iova, page)), Errno::IO);
+
+    let q0 = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova, page).expect("IOMMU_HW_QUEUE_ALLOC");
+    assert_eq!((q0.index(), q0.range(), q0.viommu_id()), (0, (iova, page), viommu.id()));
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova, page)), Errno::EXIST);
+    let q1 = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 1, iova, page).unwrap();
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 2, iova, page)), Errno::INVAL);
+
+    // Queue 1 depends on queue 0 in the kernel, and its handle holds queue 0's.
+    let (q0_id, q1_id, viommu_id) = (q0.id(), q1.id(), viommu.id());
+    assert!(busy(&iommufd, q0_id));
+    assert_in_use(q0.destroy());
+    assert!(busy(&iommufd, q0_id), "queue 0 lives on, held by queue 1");
+    // The queues hold the vIOMMU.
+    assert_in_use(viommu.clone().destroy());
+    assert!(busy(&iommufd, viommu_id));
+
+    // The queue memory is pinned: the kernel refuses to unmap it while a queue exists. (The failed
+    // unmap leaks the guard's buffer rather than freeing memory a queue may read.)
+    assert_eq!(errno(mapping.unmap()), Errno::BUSY);
+
+    // Dropping queue 1 destroys it, then queue 0.
+    logs::start();
+    drop(q1);
+    assert!(gone(&iommufd, q1_id) && gone(&iommufd, q0_id));
+    assert_eq!(logs::take(), Vec::<String>::new(), "both destroys succeeded");
+    viommu.destroy().unwrap();
+    assert!(gone(&iommufd, viommu_id));
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn async_veventq_wakes_on_an_event() {
+    let (_iommufd, ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
+    dev.replace(&nested).unwrap();
+    let q = Veventq::alloc(&viommu, MOCK_VEVENTQ, 8).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    let records = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            dev.trigger_vevent().unwrap();
+        });
+        rt.block_on(async {
+            let mut q = iommufd::AsyncVeventq::new(q).unwrap();
+            let records = q.read().await.unwrap();
+            q.into_inner().close().unwrap();
+            records
+        })
+    });
+    assert_eq!(records.len(), 1);
+    assert!(matches!(records[0], VeventRecord::Event(Vevent { sequence: 0, .. })));
+    dev.replace(&ioas).unwrap();
+    drop((vdev, nested));
+}

@@ -1,0 +1,78 @@
+//! `cargo xtask hw-test --device ADDR [--bind]`: the device-generic part of the integration suite on a
+//! real machine with a VFIO-capable IOMMU, against the PCI device at ADDR.
+//!
+//! The device must already be bound to vfio-pci; `--bind` binds it (through sysfs `driver_override`
+//! and `drivers_probe`), detaching it from its current driver. Without `--bind`, a device on another
+//! driver is refused: taking a device away from its driver (a NIC carrying the runner's network, a
+//! disk) is a decision for the person running the job.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{Result, run, workspace_root};
+
+/// The test binaries that need only a bound device (no edu, no mock IOMMU).
+const GENERIC_TESTS: &[&str] = &["ioas", "device", "raii"];
+
+fn driver(sysfs: &std::path::Path) -> Option<String> {
+    let link = std::fs::read_link(sysfs.join("driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+fn bind_vfio_pci(addr: &str, sysfs: &std::path::Path) -> Result<()> {
+    eprintln!("hw-test: binding {addr} to vfio-pci (it was on {:?})", driver(sysfs));
+    std::fs::write(sysfs.join("driver_override"), "vfio-pci")?;
+    if sysfs.join("driver").exists() {
+        std::fs::write(sysfs.join("driver/unbind"), addr)?;
+    }
+    std::fs::write("/sys/bus/pci/drivers_probe", addr)?;
+    match driver(sysfs).as_deref() {
+        Some("vfio-pci") => Ok(()),
+        other => Err(format!("{addr} is on {other:?} after binding; is vfio-pci loaded (modprobe vfio-pci)?").into()),
+    }
+}
+
+pub fn hw_test(args: &[String]) -> Result<()> {
+    let mut device = None;
+    let mut bind = false;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--device" => device = it.next().cloned(),
+            "--bind" => bind = true,
+            "--" => rest.extend(it.by_ref().cloned()),
+            other => return Err(format!("hw-test: unknown argument {other:?}").into()),
+        }
+    }
+    let addr = device.ok_or("hw-test: --device 0000:BB:DD.F is required")?;
+    let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&addr);
+    if !sysfs.exists() {
+        return Err(format!("hw-test: no PCI device {addr} in sysfs").into());
+    }
+    if !std::path::Path::new("/dev/iommu").exists() {
+        return Err("hw-test: /dev/iommu is missing: the kernel lacks CONFIG_IOMMUFD".into());
+    }
+    match driver(&sysfs).as_deref() {
+        Some("vfio-pci") => {}
+        other if bind => {
+            let _ = other;
+            bind_vfio_pci(&addr, &sysfs)?;
+        }
+        other => {
+            return Err(format!(
+                "hw-test: {addr} is bound to {other:?}, not vfio-pci; pass --bind to rebind it (this detaches it from its driver)"
+            )
+            .into());
+        }
+    }
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root()).args(["test", "--locked", "-p", "iommufd"]);
+    for t in GENERIC_TESTS {
+        cmd.args(["--test", t]);
+    }
+    cmd.args(["--", "--include-ignored", "--test-threads=1"]).args(&rest);
+    cmd.env("IOMMUFD_TEST_DEVICE", &addr).env("IOMMUFD_TEST_IOMMU", "hardware");
+    eprintln!("hw-test: running {GENERIC_TESTS:?} against {addr}");
+    run(&mut cmd)
+}
