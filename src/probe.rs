@@ -570,10 +570,7 @@ impl BoundDevice {
         }
         let mut guard = GuardPage::new()?;
         let pasid_attach = pasid_probe(fd, &mut guard)?;
-        // Old kernels refuse `iommufd = -1` (offset 8) with EINVAL before anything else.
-        let end = offset_end!(sys::vfio_device_bind_iommufd, out_devid);
-        let bind_token = size_at_most(fd, &ioctl::DEVICE_BIND_IOMMUFD, &mut guard, end, &[(8, u32::MAX)])?
-            .is_some_and(|at_most| !at_most);
+        let bind_token = bind_token_probe(fd, &mut guard)?;
         let mut features = Vec::new();
         for &feature in DeviceFeature::ALL {
             let ops = self.feature_probe(feature)?;
@@ -583,6 +580,28 @@ impl BoundDevice {
         }
         Ok(DeviceCapabilities { supported, pasid_attach, bind_token, features })
     }
+}
+
+/// Whether the kernel binds cdevs with a VF token ([`DeviceCapabilities::bind_token`]). Works on a
+/// cdev whether or not it is bound yet: every answer comes before the bind is attempted.
+#[allow(dead_code, reason = "for VfioDevice::bind_with_token to check before sending the token")]
+pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
+    bind_token_probe(cdev, &mut GuardPage::new()?)
+}
+
+/// Whether the kernel and the device's driver accept PASID attachment
+/// ([`DeviceCapabilities::pasid_attach`]); the cdev must be bound.
+#[allow(dead_code, reason = "for BoundDevice::attach_pasid to report Unsupported on pre-6.14 kernels")]
+pub(crate) fn probe_pasid_attach(cdev: BorrowedFd<'_>) -> Result<bool> {
+    pasid_probe(cdev, &mut GuardPage::new()?)
+}
+
+fn bind_token_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
+    // Kernels before the token field refuse `iommufd = -1` (offset 8) with EINVAL before anything else.
+    let iommufd_at = offset_of!(sys::vfio_device_bind_iommufd, iommufd);
+    let end = offset_end!(sys::vfio_device_bind_iommufd, out_devid);
+    let at_most = size_at_most(fd, &ioctl::DEVICE_BIND_IOMMUFD, guard, end, &[(iommufd_at, u32::MAX)])?;
+    Ok(at_most == Some(false))
 }
 
 /// The PASID attach probe ([`DeviceCapabilities::pasid_attach`]).

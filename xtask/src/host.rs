@@ -184,3 +184,21 @@ fn copy_sources(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Takes an exclusive lock on `path` (created if missing), waiting for another xtask that holds it.
+/// The lock is released when the returned file is dropped (or the process exits).
+pub fn lock(path: &Path, what: &str) -> Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("{what}: waiting for another xtask run that holds {}", path.display());
+            file.lock()?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(format!("locking {}: {e}", path.display()).into()),
+    }
+    Ok(file)
+}

@@ -63,6 +63,12 @@ pub fn ensure_kernel() -> Result<PathBuf> {
         return Ok(image);
     }
     let wanted = parse_fragment(&fragment)?;
+    // One build at a time: the build directory is shared.
+    let _lock = host::lock(&cache_dir().join("kernel/.lock"), "kernel")?;
+    if image.exists() {
+        eprintln!("kernel: cached {} (built by the other run)", image.display());
+        return Ok(image);
+    }
     host::ensure("cargo xtask kernel", BUILD_DEPS)?;
     let src = source_tree()?;
     let build = cache_dir().join("kernel/build");

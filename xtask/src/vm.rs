@@ -144,9 +144,13 @@ struct Prepared {
     kernel: PathBuf,
     initramfs: PathBuf,
     has_edu_dma: bool,
+    /// Held until the last VM has exited.
+    _lock: std::fs::File,
 }
 
 fn prepare(opts: &Options) -> Result<Prepared> {
+    // The initramfs, console logs and result files are shared paths: one vm-test/vm-demo at a time.
+    let lock = host::lock(&cache_dir().join("vm/.lock"), "vm")?;
     host::ensure("cargo xtask vm-test", VM_DEPS)?;
     let kernel = kernel::ensure_kernel()?;
     let t = Instant::now();
@@ -159,7 +163,7 @@ fn prepare(opts: &Options) -> Result<Prepared> {
     );
     let has_edu_dma = bins.examples.iter().any(|(name, _)| name == "edu_dma");
     let initramfs = pack_initramfs(&bins, &opts.test_args)?;
-    Ok(Prepared { kernel, initramfs, has_edu_dma })
+    Ok(Prepared { kernel, initramfs, has_edu_dma, _lock: lock })
 }
 
 // ---------------------------------------------------------------------------------------------------
