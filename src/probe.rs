@@ -231,7 +231,7 @@ pub struct Capabilities {
     pub hwpt_alloc_fault_id: bool,
     /// `iommu_hw_info.out_capabilities` (6.7). From the structure size.
     pub hw_info_capabilities: bool,
-    /// `iommu_hw_info.out_max_pasid_log2` (6.14, with PASID attachment). The field took one byte of
+    /// `iommu_hw_info.out_max_pasid_log2` (6.15, with PASID attachment). The field took one byte of
     /// `__reserved`, so the size did not change: the probe sets that byte with `dev_id` 0 (no object
     /// has id 0). Older kernels refuse the non-zero `__reserved` with `EOPNOTSUPP` first; newer ones
     /// ignore the output field and fail the device lookup with `ENOENT`. The ioctl is a query either
@@ -315,7 +315,7 @@ struct ProbedFlags {
 #[non_exhaustive]
 pub struct DeviceCapabilities {
     supported: [bool; DEVICE_IOCTLS],
-    /// `VFIO_DEVICE_ATTACH_PASID`/`VFIO_DEVICE_DETACH_PASID` (6.14) are accepted by the kernel and the
+    /// `VFIO_DEVICE_ATTACH_PASID`/`VFIO_DEVICE_DETACH_PASID` (6.15) are accepted by the kernel and the
     /// device's driver. This says nothing about whether the device and IOMMU can do PASID (see
     /// [`HwInfo::max_pasid_log2`](crate::HwInfo)).
     ///
@@ -591,7 +591,7 @@ pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
 
 /// Whether the kernel and the device's driver accept PASID attachment
 /// ([`DeviceCapabilities::pasid_attach`]); the cdev must be bound.
-#[allow(dead_code, reason = "for BoundDevice::attach_pasid to report Unsupported on pre-6.14 kernels")]
+#[allow(dead_code, reason = "for BoundDevice::attach_pasid to report Unsupported on pre-6.15 kernels")]
 pub(crate) fn probe_pasid_attach(cdev: BorrowedFd<'_>) -> Result<bool> {
     pasid_probe(cdev, &mut GuardPage::new()?)
 }

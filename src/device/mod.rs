@@ -235,7 +235,7 @@ impl BoundDevice {
     }
 
     /// Points one PASID of the device at `pt` (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` with
-    /// `VFIO_DEVICE_ATTACH_PASID`, Linux 6.14).
+    /// `VFIO_DEVICE_ATTACH_PASID`, Linux 6.15).
     pub fn attach_pasid(&self, pasid: u32, pt: &impl PageTable) -> Result<Attachment> {
         self.attach_inner(Some(pasid), pt)
     }
