@@ -114,3 +114,26 @@ fn read_only_mapping_blocks_device_writes() {
     assert_eq!(ro.to_vec(), original, "the IOMMU must block writes to a read-only mapping");
     assert_eq!(page_size() as u64 % LEN, 0);
 }
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn map_file_pins_with_a_domain_attached_and_refuses_what_it_cannot_pin() {
+    // Without an IOMMU domain the kernel records a file mapping without pinning it; with a device
+    // attached it pins at once, so files it cannot pin are refused at map time.
+    let fd = Iommufd::open().unwrap();
+    let dev = bind(&fd);
+    let ioas = fd.alloc_ioas().unwrap();
+    let _att = dev.attach(&ioas).unwrap();
+    let file = rustix::fs::memfd_create("short", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&file, LEN).unwrap();
+    let past_eof = ioas.map_file(&file, 0, 2 * LEN, Iova::Fixed(0x10_0000), Access::READ);
+    let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
+    let pipe = ioas.map_file(&pipe_r, 0, LEN, Iova::Fixed(0x20_0000), Access::READ);
+    // Linux 7.3.4 answers EINVAL for both (measured in the VM).
+    for r in [past_eof, pipe] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, iommufd::Error::Ioctl { op: "IOMMU_IOAS_MAP_FILE", .. }), "{e}");
+        assert_eq!(e.errno(), Some(iommufd::Errno::INVAL), "{e}");
+    }
+    assert_eq!(ioas.unmap_all().unwrap(), 0, "nothing left behind by the failed maps");
+}

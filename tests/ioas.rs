@@ -104,11 +104,7 @@ fn map_file_from_a_memfd() {
     assert_eq!(ro.access(), Access::READ);
     m.unmap().unwrap();
     ro.unmap().unwrap();
-    // Not a file whose pages can be pinned: the kernel refuses, and nothing is left behind.
-    let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
-    let e = ioas.map_file(&pipe_r, 0, page(), Iova::Auto, Access::READ).unwrap_err();
-    assert!(matches!(e, Error::Ioctl { op: "IOMMU_IOAS_MAP_FILE", .. }), "{e}");
-    assert_eq!(ioas.unmap_all().unwrap(), 0, "nothing left behind by the failed map");
+    assert_eq!(ioas.unmap_all().unwrap(), 0, "both guards unmapped their ranges");
 }
 
 #[test]

@@ -28,7 +28,10 @@ fn bind_vfio_pci(addr: &str, sysfs: &std::path::Path) -> Result<()> {
     std::fs::write("/sys/bus/pci/drivers_probe", addr)?;
     match driver(sysfs).as_deref() {
         Some("vfio-pci") => Ok(()),
-        other => Err(format!("{addr} is on {other:?} after binding; is vfio-pci loaded (modprobe vfio-pci)?").into()),
+        other => {
+            Err(format!("{addr} is on {other:?} after binding; is vfio-pci loaded (modprobe vfio-pci)?")
+                .into())
+        }
     }
 }
 

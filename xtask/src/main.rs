@@ -2,6 +2,7 @@
 
 mod apt;
 mod host;
+mod hw;
 mod kernel;
 mod sys;
 mod vm;
@@ -42,14 +43,22 @@ usage: cargo xtask <task>
   test [--host-only]
               every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
               /dev/iommu are ignored there), then the VM suite (vm-test)
+  hw-test --device ADDR [--bind] [-- ARGS]
+              run the device-generic tests (ioas, device, raii) against the real PCI device ADDR, which
+              must be bound to vfio-pci (--bind rebinds it, detaching it from its current driver)
   vm-demo     boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
 ";
 
 /// `cargo xtask test`: the project's one test command.
 fn test(args: &[String]) -> Result<()> {
     let host_only = args.iter().any(|a| a == "--host-only");
-    eprintln!("== host tests (cargo test --workspace)");
-    run(Command::new(env!("CARGO")).current_dir(workspace_root()).args(["test", "--workspace", "--locked"]))?;
+    eprintln!("== host tests (cargo test --workspace --all-features)");
+    run(Command::new(env!("CARGO")).current_dir(workspace_root()).args([
+        "test",
+        "--workspace",
+        "--all-features",
+        "--locked",
+    ]))?;
     if host_only {
         return Ok(());
     }
@@ -66,6 +75,7 @@ fn main() {
         Some("vm-test") => vm::vm_test(&args[1..]),
         Some("vm-demo") => vm::vm_demo(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("hw-test") => hw::hw_test(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             std::process::exit(2);

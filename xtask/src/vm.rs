@@ -155,12 +155,8 @@ fn prepare(opts: &Options) -> Result<Prepared> {
     let kernel = kernel::ensure_kernel()?;
     let t = Instant::now();
     let bins = build_binaries()?;
-    eprintln!(
-        "vm: built {} test binaries and {} examples in {:.1}s",
-        bins.tests.len(),
-        bins.examples.len(),
-        { t.elapsed().as_secs_f64() }
-    );
+    let (n_tests, n_examples, secs) = (bins.tests.len(), bins.examples.len(), t.elapsed().as_secs_f64());
+    eprintln!("vm: built {n_tests} test binaries and {n_examples} examples in {secs:.1}s");
     let has_edu_dma = bins.examples.iter().any(|(name, _)| name == "edu_dma");
     let initramfs = pack_initramfs(&bins, &opts.test_args)?;
     Ok(Prepared { kernel, initramfs, has_edu_dma, _lock: lock })
@@ -180,6 +176,8 @@ fn cargo(what: &[&str]) -> Command {
     cmd.current_dir(workspace_root())
         .args(what)
         .args(["-p", "iommufd", "--target", TARGET, "--message-format=json-render-diagnostics"])
+        // The suite includes the mock-IOMMU (`testing`) and async (`tokio`) tests.
+        .args(["--features", "testing,tokio", "--locked"])
         // A separate --target keeps these static builds from invalidating the host build's artifacts.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         // Line tables keep backtraces' file:line but halve the binaries (and so the initramfs, which
