@@ -372,6 +372,10 @@ impl Ioas {
     /// Maps `len` bytes of `file` starting at `offset` (`IOMMU_IOAS_MAP_FILE`, Linux 6.13). The kernel
     /// pins the file's pages itself, so this is safe: no memory of this process is exposed. Use a memfd
     /// (or hugetlbfs/guest_memfd file) shared with whoever produces the data.
+    ///
+    /// While no device or access is attached to the IOAS, the kernel records the mapping without
+    /// pinning; a file it cannot pin (a pipe, a range past the end of the file) is then refused only
+    /// when something attaches. With a domain attached it is refused here, with `EINVAL`.
     pub fn map_file(
         &self,
         file: impl AsFd,
