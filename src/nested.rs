@@ -678,15 +678,7 @@ unsafe fn invalidate_call(
 mod tests {
     use super::*;
 
-    fn assert_invalid<T: std::fmt::Debug>(r: Result<T>, op: &str, needle: &str) {
-        match r {
-            Err(Error::InvalidArgument { op: o, reason }) => {
-                assert_eq!(o, op);
-                assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?}");
-            }
-            other => panic!("expected InvalidArgument({op}: ..{needle}..), got {other:?}"),
-        }
-    }
+    use crate::tests::assert_invalid;
 
     #[test]
     fn vtd_s1_encodes_the_kernel_layout() {
@@ -790,17 +782,7 @@ mod tests {
         assert_eq!(raw(0, &[]).raw().unwrap().count, 0);
     }
 
-    /// An iommufd on `/dev/null` (every ioctl that gets through fails with ENOTTY) and an IOAS on it.
-    fn fake() -> (Iommufd, crate::Ioas) {
-        let null: std::os::fd::OwnedFd =
-            std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap().into();
-        // SAFETY: the fd is freshly opened and owned; it is not an iommufd, which is the point.
-        let fd = unsafe {
-            <Iommufd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(null))
-        };
-        let ioas = crate::Ioas::fake(&fd, 7);
-        (fd, ioas)
-    }
+    use crate::tests::fake;
 
     struct FakeDevice(Iommufd);
     impl IommuDevice for FakeDevice {

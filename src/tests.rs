@@ -10,12 +10,12 @@ use std::os::fd::OwnedFd;
 use crate::ioas::IovaRange;
 use crate::*;
 
-fn dev_null() -> OwnedFd {
+pub(crate) fn dev_null() -> OwnedFd {
     std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap().into()
 }
 
 /// An iommufd handle whose fd is `/dev/null`, and an IOAS handle with a made-up id on it.
-fn fake() -> (Iommufd, Ioas) {
+pub(crate) fn fake() -> (Iommufd, Ioas) {
     // SAFETY: the fd is freshly opened and owned; it is not an iommufd, which is the point: any
     // ioctl that gets through fails with ENOTTY.
     let fd = unsafe {
@@ -25,7 +25,7 @@ fn fake() -> (Iommufd, Ioas) {
     (fd, ioas)
 }
 
-fn assert_invalid<T: std::fmt::Debug>(r: Result<T>, op: &str, needle: &str) {
+pub(crate) fn assert_invalid<T: std::fmt::Debug>(r: Result<T>, op: &str, needle: &str) {
     match r {
         Err(Error::InvalidArgument { op: o, reason }) => {
             assert_eq!(o, op);

@@ -6,6 +6,9 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+mod common;
+use common::{busy, gone, logs};
+
 use iommufd::testing::{MockDevice, MockDeviceFlags, PageRequest};
 use iommufd::{
     Errno, Error, FaultPerm, FaultQueue, Hwpt, HwptFlags, Iommufd, PageFault, PageFaultFlags, PageResponse,
@@ -19,56 +22,6 @@ fn errno<T: std::fmt::Debug>(r: iommufd::Result<T>) -> Errno {
     match r {
         Err(e) => e.errno().unwrap_or_else(|| panic!("expected a kernel error, got {e}")),
         Ok(v) => panic!("expected a kernel error, got Ok({v:?})"),
-    }
-}
-
-/// True if `id` names no object of `iommufd`. Only called for ids whose handles are gone.
-fn gone(iommufd: &Iommufd, id: u32) -> bool {
-    // SAFETY: the handle that owned `id` has been dropped or closed; were the object still alive, the
-    // caller's assertion fails anyway.
-    unsafe { iommufd.destroy_raw(id) }.err().and_then(|e| e.errno()) == Some(Errno::NOENT)
-}
-
-/// The kernel refuses to destroy `id` because something still uses it (so it is alive, untouched).
-fn busy(iommufd: &Iommufd, id: u32) -> bool {
-    // SAFETY: a destroy refused with EBUSY changes nothing; if it succeeded the caller's assertion fails.
-    unsafe { iommufd.destroy_raw(id) }.err().and_then(|e| e.errno()) == Some(Errno::BUSY)
-}
-
-/// Warnings and errors this crate logs (through the `log` crate), captured so a test can assert that
-/// a teardown logged nothing: `Drop` reports failures only there.
-mod logs {
-    use std::sync::{Mutex, Once};
-
-    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-    struct Capture;
-
-    impl log::Log for Capture {
-        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-            metadata.level() <= log::Level::Warn
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            if self.enabled(record.metadata()) {
-                LINES.lock().unwrap_or_else(|e| e.into_inner()).push(record.args().to_string());
-            }
-        }
-        fn flush(&self) {}
-    }
-
-    /// Starts capturing (once per test binary) and forgets what was captured so far.
-    pub fn start() {
-        static INSTALL: Once = Once::new();
-        INSTALL.call_once(|| {
-            log::set_logger(&Capture).expect("no other logger in this test binary");
-            log::set_max_level(log::LevelFilter::Warn);
-        });
-        take();
-    }
-
-    /// What was logged since the last call.
-    pub fn take() -> Vec<String> {
-        std::mem::take(&mut *LINES.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
