@@ -36,10 +36,16 @@
 //! and can be stored in a VMM's long-lived structures:
 //!
 //! ```text
-//! Iommufd <- Ioas <- Mapping          (a mapping keeps its IOAS)
-//!            Ioas <- Hwpt              (a paging HWPT keeps its IOAS)
+//! Iommufd <- Ioas <- Mapping              (a mapping keeps its IOAS)
+//!            Ioas <- Hwpt (paging)         (a paging HWPT keeps its IOAS)
+//!   Hwpt (nest parent) | Viommu <- Hwpt (nested)   (a nested HWPT keeps its parent)
+//!   Hwpt (nest parent) <- Viommu <- Vdevice | Veventq | HwQueue
+//!   FaultQueue <- Hwpt (allocated with a fault queue)
 //! Iommufd <- BoundDevice <- Attachment -> Ioas | Hwpt
 //! ```
+//!
+//! This encodes the kernel's teardown order: vEVENTQ, vDEVICE and HW queues go before their vIOMMU,
+//! which goes before its nest parent, which goes before its IOAS.
 //!
 //! Teardown follows from the references: an attachment detaches before it lets go of its page table,
 //! so the kernel never sees an attached IOAS or HWPT destroyed; an IOAS is destroyed only after its
