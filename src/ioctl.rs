@@ -173,6 +173,7 @@ sized! {
     iommu_hw_info.size, vfio_device_bind_iommufd.argsz, vfio_device_attach_iommufd_pt.argsz,
     vfio_device_detach_iommufd_pt.argsz, vfio_device_info.argsz, vfio_region_info.argsz,
     vfio_irq_info.argsz,
+    vfio_device_ioeventfd.argsz,
     iommu_fault_alloc.size, iommu_viommu_alloc.size, iommu_vdevice_alloc.size, iommu_veventq_alloc.size,
     iommu_hw_queue_alloc.size,
     iommu_hwpt_invalidate.size, iommu_hwpt_set_dirty_tracking.size, iommu_hwpt_get_dirty_bitmap.size,

@@ -211,3 +211,39 @@ fn device_info_regions_and_reset() {
         assert!(dev.reset().is_err(), "reset succeeded on a device that reports no reset");
     }
 }
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn ioeventfd_writes_a_register_when_signalled() {
+    use iommufd::PciRegion;
+    let fd = Iommufd::open().unwrap();
+    let dev = VfioDevice::open_pci(&common::edu_address()).unwrap().bind(&fd).unwrap();
+    let bar0 = PciRegion::Bar(0).index();
+    let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    // Bad arguments are refused before the ioctl.
+    assert!(matches!(dev.ioeventfd(bar0, 4, 3, 0, &efd), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(dev.ioeventfd(bar0, 2, 4, 0, &efd), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(dev.ioeventfd(bar0, 4, 2, 0x1_0000, &efd), Err(Error::InvalidArgument { .. })));
+    // edu's liveness register (BAR0 + 4) reads back the complement of what was written.
+    let value = 0x1122_3344u32;
+    let ioeventfd = dev.ioeventfd(bar0, 4, 4, value.into(), &efd).unwrap();
+    let mut reg = [0u8; 4];
+    dev.read_region(bar0, 4, &mut reg).unwrap();
+    assert_ne!(u32::from_le_bytes(reg), !value, "nothing written before the signal");
+    rustix::io::write(&efd, &1u64.to_ne_bytes()).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        dev.read_region(bar0, 4, &mut reg).unwrap();
+        if u32::from_le_bytes(reg) == !value {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "the kernel never wrote the register");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    ioeventfd.remove().unwrap();
+    // De-assigned: the same registration is accepted again (a live duplicate would be EEXIST).
+    let again = dev.ioeventfd(bar0, 4, 4, value.into(), &efd).unwrap();
+    let dup = dev.ioeventfd(bar0, 4, 4, value.into(), &efd).unwrap_err();
+    assert_eq!(dup.errno(), Some(iommufd::Errno::EXIST), "{dup}");
+    drop(again);
+}

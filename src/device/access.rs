@@ -1033,6 +1033,94 @@ impl Drop for RegionMapping {
     }
 }
 
+/// An ioeventfd registered on a device region (`VFIO_DEVICE_IOEVENTFD`, Linux 4.17): each signal of
+/// the eventfd makes the kernel write `data` to the register, without a round trip through the VMM.
+/// De-assigned on drop (failures logged) or with [`Ioeventfd::remove`]. Keeps the device open.
+pub struct Ioeventfd {
+    dev: Arc<DeviceInner>,
+    arg: sys::vfio_device_ioeventfd,
+    live: bool,
+}
+
+impl std::fmt::Debug for Ioeventfd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ioeventfd")
+            .field("file_offset", &format_args!("{:#x}", self.arg.offset))
+            .field("data", &format_args!("{:#x}", self.arg.data))
+            .field("width", &(self.arg.flags & sys::VFIO_DEVICE_IOEVENTFD_SIZE_MASK))
+            .finish()
+    }
+}
+
+fn ioeventfd_ioctl(fd: BorrowedFd<'_>, arg: &mut sys::vfio_device_ioeventfd) -> Result<()> {
+    // SAFETY: VFIO_DEVICE_IOEVENTFD on a device cdev takes `vfio_device_ioeventfd`, sized by `new()`;
+    // it holds no pointers, and its `fd` is either -1 (de-assign) or an eventfd borrowed open for the
+    // call (the kernel takes its own reference).
+    unsafe { ioctl::call(fd, &ioctl::DEVICE_IOEVENTFD, arg) }.map(drop)
+}
+
+impl BoundDevice {
+    /// Registers `eventfd` so that each signal writes `data` (`width` bytes: 1, 2, 4 or 8) at `offset`
+    /// in region `index` (`VFIO_DEVICE_IOEVENTFD`). vfio-pci accepts BAR regions only; `offset` must be
+    /// aligned to `width`.
+    pub fn ioeventfd(
+        &self,
+        index: u32,
+        offset: u64,
+        width: usize,
+        data: u64,
+        eventfd: impl AsFd,
+    ) -> Result<Ioeventfd> {
+        const OP: &str = "VFIO_DEVICE_IOEVENTFD";
+        let size_flag = match width {
+            1 => sys::VFIO_DEVICE_IOEVENTFD_8,
+            2 => sys::VFIO_DEVICE_IOEVENTFD_16,
+            4 => sys::VFIO_DEVICE_IOEVENTFD_32,
+            8 => sys::VFIO_DEVICE_IOEVENTFD_64,
+            _ => return Err(Error::invalid(OP, format!("width {width} is not 1, 2, 4 or 8"))),
+        };
+        if offset % width as u64 != 0 {
+            return Err(Error::invalid(OP, format!("offset {offset:#x} is not aligned to {width} bytes")));
+        }
+        if width < 8 && data >> (8 * width) != 0 {
+            return Err(Error::invalid(OP, format!("data {data:#x} does not fit in {width} bytes")));
+        }
+        let (_, info) = region_info_fixed(self.as_fd(), index)?;
+        let file_offset = region_file_offset(OP, &info, RegionFlags::WRITE, offset, width)?;
+        let mut arg = sys::vfio_device_ioeventfd::new();
+        arg.flags = size_flag;
+        arg.offset = file_offset;
+        arg.data = data;
+        arg.fd = eventfd.as_fd().as_raw_fd();
+        ioeventfd_ioctl(self.as_fd(), &mut arg)?;
+        arg.fd = -1;
+        Ok(Ioeventfd { dev: self.inner.clone(), arg, live: true })
+    }
+}
+
+impl Ioeventfd {
+    fn deassign(&mut self) -> Result<()> {
+        self.live = false;
+        let mut arg = self.arg;
+        ioeventfd_ioctl(self.dev.fd.as_fd(), &mut arg)
+    }
+
+    /// De-assigns the ioeventfd now, reporting failure.
+    pub fn remove(mut self) -> Result<()> {
+        self.deassign()
+    }
+}
+
+impl Drop for Ioeventfd {
+    fn drop(&mut self) {
+        if self.live {
+            if let Err(e) = self.deassign() {
+                log::error!("iommufd: de-assigning {self:?} on drop failed: {e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
