@@ -18,7 +18,7 @@ use crate::{Result, cache_dir, kernel, workspace_root};
 
 const GUEST_INIT: &str = include_str!("guest_init.sh");
 const TARGET: &str = "x86_64-unknown-linux-gnu";
-const DEFAULT_TIMEOUT_SECS: u64 = 300;
+const DEFAULT_TIMEOUT_SECS: u64 = 150;
 /// 2 MiB huge pages reserved at boot (hugetlbfs tests).
 const HUGEPAGES: u32 = 64;
 
@@ -115,7 +115,23 @@ pub fn vm_test(args: &[String]) -> Result<()> {
     let mut lines = Vec::new();
     let mut ok = true;
     for &iommu in &opts.iommus {
-        let outcome = boot(&prepared, iommu, Mode::Test, &opts)?;
+        let mut outcome = boot(&prepared, iommu, Mode::Test, &opts)?;
+        if outcome.timed_out {
+            // A guest that freezes is an environment failure, not a test result (see `qemu_command`):
+            // keep its console and boot once more. A second hang fails the run.
+            let dir = cache_dir().join("vm");
+            let kept = dir.join(format!("console-{}-hung.log", iommu.name()));
+            std::fs::rename(dir.join(format!("console-{}.log", iommu.name())), &kept)?;
+            eprintln!(
+                "vm({}): WARNING: the guest hung; its console is kept in {}; booting once more",
+                iommu.name(),
+                kept.display()
+            );
+            outcome = boot(&prepared, iommu, Mode::Test, &opts)?;
+            if outcome.ok() {
+                lines.push(format!("vm({}): passed on the second boot after a guest hang", iommu.name()));
+            }
+        }
         totals.0 += outcome.passed;
         totals.1 += outcome.failed;
         ok &= outcome.ok();
@@ -396,6 +412,8 @@ struct Outcome {
     guest_status: Option<i32>,
     /// Binaries that exited non-zero or never finished ("test/NAME", "example/NAME").
     failed_binaries: Vec<String>,
+    /// The guest did not finish in time and QEMU was killed.
+    timed_out: bool,
 }
 
 impl Outcome {
@@ -414,11 +432,15 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
         Mode::Demo => "demo",
     };
     let cmdline = format!(
-        "console=ttyS0 panic=-1 quiet hugepages={HUGEPAGES} {} IOMMUFD_TEST_IOMMU={} IOMMUFD_VM_MODE={mode}",
+        "console=ttyS0 panic=-1 quiet hung_task_timeout_secs=15 hugepages={HUGEPAGES} {} \
+         IOMMUFD_TEST_IOMMU={} IOMMUFD_VM_MODE={mode}",
         iommu.cmdline(),
         iommu.name()
     );
     let mut cmd = Command::new("qemu-system-x86_64");
+    // One vCPU: with two, about 1 boot in 10 froze outright under TCG (no hung-task or soft-lockup
+    // report, at a process exit or an unmap, where the kernel sends TLB-shootdown IPIs); with one, 20
+    // boots in a row (40 suite runs) never did, at the same speed.
     cmd.args([
         "-machine",
         "q35,kernel-irqchip=split",
@@ -427,7 +449,7 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
         "-cpu",
         "max",
         "-smp",
-        "2",
+        "1",
         "-m",
         "2G",
     ])
@@ -500,6 +522,7 @@ fn boot(p: &Prepared, iommu: Iommu, mode: Mode, opts: &Options) -> Result<Outcom
 
     let results = std::fs::read_to_string(&results_path).unwrap_or_default();
     let mut outcome = parse_results(&results);
+    outcome.timed_out = timed_out;
     if timed_out {
         outcome.problems.push(format!("timed out after {}s (QEMU killed)", opts.timeout.as_secs()));
     }
