@@ -215,6 +215,16 @@ fn new_cmd(op: u32, id: u32) -> tsys::iommu_test_cmd {
 /// `TRIGGER_VEVENT` (`trigger_vevent.dev_id`) must name a mock device: the kernel takes the device
 /// behind it for one without checking.
 unsafe fn test_cmd(iommufd: &Iommufd, cmd: &mut tsys::iommu_test_cmd) -> Result<()> {
+    // SAFETY: this function's contract is `test_cmd_ret`'s.
+    unsafe { test_cmd_ret(iommufd, cmd) }.map(drop)
+}
+
+/// [`test_cmd`], returning the ioctl's non-negative result (an fd, for `DMABUF_GET`).
+///
+/// # Safety
+///
+/// As for [`test_cmd`].
+unsafe fn test_cmd_ret(iommufd: &Iommufd, cmd: &mut tsys::iommu_test_cmd) -> Result<std::ffi::c_int> {
     let op = Op { name: op_name(cmd.op), ..TEST_CMD };
     // SAFETY: IOMMU_TEST_CMD on an iommufd takes `struct iommu_test_cmd`, whose `size` `new_cmd` set to
     // the full structure (72 bytes in 7.3.4; the kernel accepts any size from its own `last` member
@@ -222,7 +232,7 @@ unsafe fn test_cmd(iommufd: &Iommufd, cmd: &mut tsys::iommu_test_cmd) -> Result<
     // function's contract, and `cmd` is exclusively borrowed, so the kernel may write its answer back.
     let r = unsafe { ioctl::call(iommufd.as_fd(), &op, cmd) };
     match r {
-        Ok(_) => Ok(()),
+        Ok(ret) => Ok(ret),
         Err(Error::Ioctl { op, errno: Errno::OPNOTSUPP, hint: None }) => {
             Err(Error::Ioctl { op, errno: Errno::OPNOTSUPP, hint: Some(OPNOTSUPP_HINT) })
         }
@@ -690,6 +700,47 @@ pub fn set_temp_memory_limit(iommufd: &Iommufd, bytes: u32) -> Result<()> {
     let mut cmd = new_cmd(tsys::IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT, 0);
     cmd.__bindgen_anon_1.memory_limit = tsys::iommu_test_cmd__bindgen_ty_1__bindgen_ty_11 { limit: bytes };
     // SAFETY: SET_TEMP_MEMORY_LIMIT carries no user pointers.
+    unsafe { test_cmd(iommufd, &mut cmd) }
+}
+
+/// Creates a `len`-byte dma-buf exported by the mock (`IOMMU_TEST_OP_DMABUF_GET`), returning its fd;
+/// map it with [`Ioas::map_file`](crate::Ioas::map_file) to test dma-buf (peer-to-peer) mapping.
+///
+/// The kernel's answer is the new fd as the ioctl's return value. Linux 7.3.4's mock installs the fd
+/// but returns 0 (a selftest bug): that answer is reported as [`Error::Protocol`], since the fd number
+/// is lost (it stays open in the process until exit).
+pub fn dmabuf_get(iommufd: &Iommufd, len: u32) -> Result<OwnedFd> {
+    let mut cmd = new_cmd(tsys::IOMMU_TEST_OP_DMABUF_GET, 0);
+    cmd.__bindgen_anon_1.dmabuf_get =
+        tsys::iommu_test_cmd__bindgen_ty_1__bindgen_ty_22 { length: len, open_flags: libc::O_CLOEXEC as u32 };
+    // SAFETY: DMABUF_GET carries no user pointers; the kernel installs a new fd and returns its number.
+    let fd = unsafe { test_cmd_ret(iommufd, &mut cmd) }?;
+    if fd == 0 && !is_dmabuf(0) {
+        return Err(Error::Protocol {
+            op: "IOMMU_TEST_OP_DMABUF_GET",
+            detail: "the kernel returned 0, not the dma-buf fd (Linux 7.3.4 selftest bug: \
+                     iommufd_test_dmabuf_get installs the fd but returns 0)"
+                .to_string(),
+        });
+    }
+    // SAFETY: a successful DMABUF_GET returns a newly installed fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// True if `fd` is a dma-buf (its `/proc/self/fd` link names the dma-buf filesystem).
+fn is_dmabuf(fd: std::ffi::c_int) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|l| l.to_string_lossy().contains("dmabuf"))
+}
+
+/// Revokes (or restores) a mock dma-buf's memory (`IOMMU_TEST_OP_DMABUF_REVOKE`): iommufd must then
+/// unmap it from every IOAS it is mapped in.
+pub fn dmabuf_revoke(iommufd: &Iommufd, dmabuf: impl AsFd, revoked: bool) -> Result<()> {
+    let mut cmd = new_cmd(tsys::IOMMU_TEST_OP_DMABUF_REVOKE, 0);
+    cmd.__bindgen_anon_1.dmabuf_revoke = tsys::iommu_test_cmd__bindgen_ty_1__bindgen_ty_23 {
+        dmabuf_fd: dmabuf.as_fd().as_raw_fd(),
+        revoked: revoked as u32,
+    };
+    // SAFETY: DMABUF_REVOKE carries no user pointers; the fd is borrowed open for the call.
     unsafe { test_cmd(iommufd, &mut cmd) }
 }
 
