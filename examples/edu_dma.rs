@@ -81,9 +81,14 @@ fn main() -> iommufd::Result<()> {
     assert_eq!(&got, message);
 
     println!("7. DMA to an IOVA nothing is mapped at (0x50_0000): the IOMMU blocks it.");
+    dst.write_at(0, &[0u8; 4096])?;
     dma(&bar, EDU_BUF, 0x50_0000, 4096, true)?;
+    let mut src_bytes = vec![0u8; 4096];
+    src_bytes[..message.len()].copy_from_slice(message);
+    assert_eq!(src.to_vec(), src_bytes, "a blocked DMA changed the source buffer");
+    assert!(dst.to_vec().iter().all(|&b| b == 0), "a blocked DMA changed the destination buffer");
     println!(
-        "   the DMA completed from the device's view, but no memory changed (the kernel logs a DMAR fault)."
+        "   the DMA completed from the device's view, but no buffer changed (the kernel logs a DMAR fault)."
     );
 
     println!("8. A write into the read-only source mapping is blocked too.");
