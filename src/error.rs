@@ -20,7 +20,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The running kernel does not know this ioctl (it answered `ENOTTY`).
-    #[error("{op} is not supported by the running kernel (it needs Linux {since} or newer)")]
+    #[error("{op} is not supported by the running kernel{} (it needs Linux {since} or newer)", driver_suffix(.op))]
     Unsupported {
         /// The operation, named after its ioctl.
         op: &'static str,
@@ -85,6 +85,12 @@ pub enum Error {
         /// What was unexpected.
         detail: String,
     },
+}
+
+/// VFIO ioctls are answered by the device's (or migration fd's) driver: `ENOTTY` may mean it lacks
+/// the ioctl on a kernel that has it.
+fn driver_suffix(op: &str) -> &'static str {
+    if op.starts_with("VFIO_") { " or by the device's driver" } else { "" }
 }
 
 fn hint_suffix(hint: &Option<&'static str>) -> String {

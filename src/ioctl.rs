@@ -59,11 +59,14 @@ ops! {
     DEVICE_RESET = VFIO_DEVICE_RESET, "3.6";
     DEVICE_GET_PCI_HOT_RESET_INFO = VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, "3.12";
     DEVICE_PCI_HOT_RESET = VFIO_DEVICE_PCI_HOT_RESET, "3.12";
+    DEVICE_QUERY_GFX_PLANE = VFIO_DEVICE_QUERY_GFX_PLANE, "4.16";
+    DEVICE_GET_GFX_DMABUF = VFIO_DEVICE_GET_GFX_DMABUF, "4.16";
     DEVICE_IOEVENTFD = VFIO_DEVICE_IOEVENTFD, "4.17";
     DEVICE_FEATURE = VFIO_DEVICE_FEATURE, "5.7";
     DEVICE_BIND_IOMMUFD = VFIO_DEVICE_BIND_IOMMUFD, "6.6";
     DEVICE_ATTACH_IOMMUFD_PT = VFIO_DEVICE_ATTACH_IOMMUFD_PT, "6.6";
     DEVICE_DETACH_IOMMUFD_PT = VFIO_DEVICE_DETACH_IOMMUFD_PT, "6.6";
+    MIG_GET_PRECOPY_INFO = VFIO_MIG_GET_PRECOPY_INFO, "6.2";
 }
 
 /// A hint for an errno that has a well-known cause for this operation.
@@ -174,6 +177,8 @@ sized! {
     vfio_device_detach_iommufd_pt.argsz, vfio_device_info.argsz, vfio_region_info.argsz,
     vfio_irq_info.argsz,
     vfio_device_ioeventfd.argsz,
+    vfio_device_gfx_plane_info.argsz,
+    vfio_precopy_info.argsz,
     iommu_fault_alloc.size, iommu_viommu_alloc.size, iommu_vdevice_alloc.size, iommu_veventq_alloc.size,
     iommu_hw_queue_alloc.size,
     iommu_hwpt_invalidate.size, iommu_hwpt_set_dirty_tracking.size, iommu_hwpt_get_dirty_bitmap.size,

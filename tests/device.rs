@@ -247,3 +247,25 @@ fn ioeventfd_writes_a_register_when_signalled() {
     assert_eq!(dup.errno(), Some(iommufd::Errno::EXIST), "{dup}");
     drop(again);
 }
+
+#[test]
+#[ignore = "needs /dev/iommu and the edu device: run by cargo xtask vm-test"]
+fn display_and_precopy_ioctls_are_not_vfio_pci_ones() {
+    use iommufd::GfxPlaneKind;
+    let fd = Iommufd::open().unwrap();
+    let dev = VfioDevice::open_pci(&common::edu_address()).unwrap().bind(&fd).unwrap();
+    // vfio-pci (edu has no mediated display) implements neither gfx ioctl: ENOTTY, named after it.
+    for kind in [GfxPlaneKind::DmaBuf, GfxPlaneKind::Region] {
+        let e = dev.gfx_plane_supported(kind).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { op: "VFIO_DEVICE_QUERY_GFX_PLANE", .. }), "{e}");
+        let e = dev.query_gfx_plane(kind, 1).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOTTY), "{e}");
+    }
+    let e = dev.gfx_dmabuf(0).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { op: "VFIO_DEVICE_GET_GFX_DMABUF", .. }), "{e}");
+    // The pre-copy query belongs to a migration data fd; edu has no migration driver, and the device
+    // cdev itself does not define the request.
+    // SAFETY: the fd is a VFIO device cdev, which the contract allows.
+    let e = unsafe { iommufd::precopy_info(&dev) }.unwrap_err();
+    assert!(matches!(e, Error::Unsupported { op: "VFIO_MIG_GET_PRECOPY_INFO", .. }), "{e}");
+}

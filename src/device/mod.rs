@@ -5,12 +5,14 @@
 //! features. Its IOMMU group is only reported, as an isolation fact ([`BoundDevice::group`]).
 
 mod access;
+mod display;
 mod feature;
 mod group;
 mod hw_info;
 mod pci;
 
 pub use access::*;
+pub use display::*;
 pub use feature::*;
 pub use group::*;
 pub use hw_info::*;
