@@ -161,9 +161,11 @@ fn interrupts_reach_an_eventfd() {
     assert_eq!(info.count, 1, "{info:?}");
     assert!(info.flags.contains(IrqFlags::EVENTFD | IrqFlags::MASKABLE | IrqFlags::AUTOMASKED), "{info:?}");
     assert!(dev.irq_info(PciIrq::Msi.index()).unwrap().count >= 1, "edu has MSI");
-    let efd =
-        rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
-            .unwrap();
+    let efd = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .unwrap();
     dev.set_irq_eventfds(intx, 0, &[&efd]).unwrap();
     // Loopback: VFIO signals the eventfd as if the interrupt fired.
     dev.trigger_irq(intx, 0).unwrap();
