@@ -110,10 +110,12 @@ impl Error {
         }
     }
 
-    /// True if the running kernel or IOMMU lacks the requested feature: an unknown ioctl (`ENOTTY`) or
-    /// an `EOPNOTSUPP` answer (for example dirty tracking on an IOMMU without it).
+    /// True if the running kernel, IOMMU or device driver lacks the requested feature: an unknown ioctl
+    /// or VFIO device feature (`ENOTTY`), or an `EOPNOTSUPP` answer (for example dirty tracking on an
+    /// IOMMU without it).
     pub fn is_unsupported(&self) -> bool {
-        matches!(self, Error::Unsupported { .. }) || self.errno() == Some(Errno::OPNOTSUPP)
+        // ENOTTY also comes back as `Error::Ioctl` for VFIO device features the driver lacks.
+        matches!(self.errno(), Some(Errno::NOTTY | Errno::OPNOTSUPP))
     }
 
     /// True if the same call may succeed later unchanged.

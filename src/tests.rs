@@ -77,6 +77,9 @@ fn errno_display_and_hint_appear_once() {
     assert!(std::error::Error::source(&e).is_none());
     assert_eq!(e.errno(), Some(Errno::NOMEM));
     assert!(!e.is_unsupported());
+    // A VFIO device feature the driver lacks is an Ioctl error with ENOTTY: also "unsupported".
+    let feature = Error::Ioctl { op: "VFIO_DEVICE_FEATURE_DMA_BUF", errno: Errno::NOTTY, hint: None };
+    assert!(feature.is_unsupported());
     let e = crate::ioctl::error(&crate::ioctl::HWPT_ALLOC, Errno::OPNOTSUPP);
     assert!(e.is_unsupported());
     assert!(crate::ioctl::error(&crate::ioctl::DESTROY, Errno::BUSY).is_retryable());
