@@ -591,7 +591,6 @@ pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
 
 /// Whether the kernel and the device's driver accept PASID attachment
 /// ([`DeviceCapabilities::pasid_attach`]); the cdev must be bound.
-#[allow(dead_code, reason = "for BoundDevice::attach_pasid to report Unsupported on pre-6.15 kernels")]
 pub(crate) fn probe_pasid_attach(cdev: BorrowedFd<'_>) -> Result<bool> {
     pasid_probe(cdev, &mut GuardPage::new()?)
 }

@@ -256,7 +256,20 @@ impl BoundDevice {
                 },
             ));
         }
-        attach_ioctl(self.inner.fd.as_fd(), pasid, pt.id())?;
+        if let Err(e) = attach_ioctl(self.inner.fd.as_fd(), pasid, pt.id()) {
+            // Before Linux 6.15 the PASID flag itself is refused with EINVAL, indistinguishable from a
+            // bad page table; a side-effect-free probe (only on this error path) tells which it was.
+            if pasid.is_some()
+                && e.errno() == Some(crate::Errno::INVAL)
+                && matches!(crate::probe::probe_pasid_attach(self.inner.fd.as_fd()), Ok(false))
+            {
+                return Err(Error::Unsupported {
+                    op: "VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)",
+                    since: "6.15",
+                });
+            }
+            return Err(e);
+        }
         attached.insert(pasid);
         Ok(Attachment { dev: self.inner.clone(), pasid, pt: Some(pt) })
     }
