@@ -58,10 +58,7 @@ pub fn hw_test(args: &[String]) -> Result<()> {
     }
     match driver(&sysfs).as_deref() {
         Some("vfio-pci") => {}
-        other if bind => {
-            let _ = other;
-            bind_vfio_pci(&addr, &sysfs)?;
-        }
+        _ if bind => bind_vfio_pci(&addr, &sysfs)?,
         other => {
             return Err(format!(
                 "hw-test: {addr} is bound to {other:?}, not vfio-pci; pass --bind to rebind it (this detaches it from its driver)"
