@@ -77,6 +77,15 @@ pub enum Error {
         /// How many other handles hold the object.
         users: usize,
     },
+    /// A handle was used in a process other than the one that opened its iommufd (a `fork()`ed child
+    /// shares the fd, so acting there would change the parent's mappings and devices).
+    #[error("{op}: the handle belongs to process {owner}; a fork()ed child cannot use it")]
+    ForeignProcess {
+        /// The operation.
+        op: &'static str,
+        /// The process that owns the handle.
+        owner: u32,
+    },
     /// The kernel answered with data this crate cannot interpret.
     #[error("{op}: unexpected kernel answer: {detail}")]
     Protocol {

@@ -2,7 +2,8 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 use iommufd_sys as sys;
 
@@ -30,6 +31,42 @@ struct Inner {
     bound: Mutex<Vec<String>>,
     /// The first successful [`Iommufd::probe`], for [`Iommufd::capabilities`].
     caps: OnceLock<Capabilities>,
+    /// The process that opened (or adopted) the fd: the only one whose handles act on the kernel.
+    pid: u32,
+}
+
+/// The calling process's id, cached; a `fork()`ed child refreshes it in an atfork handler.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn refresh_pid_in_child() {
+    // getpid is async-signal-safe, as an atfork child handler requires.
+    PID.store(rustix::process::getpid().as_raw_nonzero().get() as u32, Ordering::Relaxed);
+}
+
+/// The id of the calling process.
+///
+/// Cached in a static that a `pthread_atfork` child handler refreshes, so the check every handle makes
+/// costs one atomic load. A child made by a raw `clone` system call that bypasses the C library's
+/// `fork()` is not seen; such a child must not touch this crate's handles.
+pub(crate) fn current_pid() -> u32 {
+    static REGISTER: Once = Once::new();
+    let pid = PID.load(Ordering::Relaxed);
+    if pid != 0 {
+        return pid;
+    }
+    REGISTER.call_once(|| {
+        // SAFETY: registers a child handler only (no prepare/parent hooks); the handler is a plain
+        // `extern "C" fn` that calls only the async-signal-safe getpid and stores to an atomic.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(refresh_pid_in_child)) };
+        if rc != 0 {
+            log::error!("iommufd: pthread_atfork failed ({rc}); fork() detection falls back to getpid");
+        }
+    });
+    // Registered first, stored second: a fork between the two leaves 0 in the child, which then
+    // reads its own pid here.
+    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    PID.store(pid, Ordering::Relaxed);
+    pid
 }
 
 /// How pinned pages are charged against `RLIMIT_MEMLOCK` (`IOMMU_OPTION_RLIMIT_MODE`).
@@ -79,7 +116,14 @@ impl Iommufd {
     }
 
     fn from_owned(fd: OwnedFd) -> Self {
-        Iommufd { inner: Arc::new(Inner { fd, bound: Mutex::new(Vec::new()), caps: OnceLock::new() }) }
+        Iommufd {
+            inner: Arc::new(Inner {
+                fd,
+                bound: Mutex::new(Vec::new()),
+                caps: OnceLock::new(),
+                pid: current_pid(),
+            }),
+        }
     }
 
     /// Converts into the underlying fd if no object of this iommufd is alive; otherwise returns `self`.
@@ -93,6 +137,22 @@ impl Iommufd {
     /// True if `self` and `other` are the same open iommufd.
     pub fn same(&self, other: &Iommufd) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// True in the process that opened this iommufd; false in a `fork()`ed child, which shares the fd
+    /// (and so every kernel object) with its parent. Handles do nothing in such a child: `Drop` is a
+    /// no-op and explicit calls that change kernel state fail with [`Error::ForeignProcess`].
+    pub fn in_owner_process(&self) -> bool {
+        self.inner.pid == current_pid()
+    }
+
+    /// Refuses `op` in a process other than the one that opened this iommufd.
+    pub(crate) fn check_process(&self, op: &'static str) -> Result<()> {
+        if self.in_owner_process() {
+            Ok(())
+        } else {
+            Err(Error::ForeignProcess { op, owner: self.inner.pid })
+        }
     }
 
     pub(crate) fn check_same(&self, other: &Iommufd, op: &'static str) -> Result<()> {

@@ -30,6 +30,7 @@ impl Object {
 
     /// Destroys the object now, reporting failure. Either way the object is not destroyed again.
     pub(crate) fn destroy(mut self) -> Result<()> {
+        self.iommufd.check_process("IOMMU_DESTROY")?;
         self.live = false;
         ioctl::destroy(self.iommufd.as_fd(), self.id)
     }
@@ -37,7 +38,8 @@ impl Object {
 
 impl Drop for Object {
     fn drop(&mut self) {
-        if !self.live {
+        // In a fork()ed child the id is the parent's object: leave it alone.
+        if !self.live || !self.iommufd.in_owner_process() {
             return;
         }
         if let Err(e) = ioctl::destroy(self.iommufd.as_fd(), self.id) {
