@@ -104,8 +104,8 @@ mod viommu;
 pub use compat::VfioCompatIoas;
 pub use device::*;
 pub use dirty::{DirtyBitmap, DirtyRanges};
-pub use dma::{DmaBuffer, FileMemory, Memory, UserMemory, page_size};
-pub use error::{Errno, Error, Result};
+pub use dma::{DmaBuffer, FileMemory, Memory, Shareable, UserMemory, page_size};
+pub use error::{CloseError, Errno, Error, Result};
 #[cfg(feature = "tokio")]
 pub use fault::AsyncFaultQueue;
 pub use fault::{FaultPerm, FaultQueue, PageFault, PageFaultFlags, PageResponse, ResponseCode};

@@ -181,7 +181,7 @@ fn owned_ranges_are_protected_from_unmap_range_and_unmap_all() {
     let (_fd, ioas) = fake();
     let page = page_size() as u64;
     // A guard as a successful map would have produced (the kernel never saw it).
-    let guard = ioas.guard::<UserMemory>(0x10_0000, 4 * page, Access::READ, ());
+    let guard = ioas.fake_guard::<UserMemory>(0x10_0000, 4 * page, Access::READ, ());
     assert_invalid(ioas.unmap_range(0x10_0000 + page, page), "IOMMU_IOAS_UNMAP", "live mapping");
     assert_invalid(ioas.unmap_all(), "IOMMU_IOAS_UNMAP", "guard");
     let mem = std::fs::File::open("/dev/null").unwrap();
@@ -192,16 +192,25 @@ fn owned_ranges_are_protected_from_unmap_range_and_unmap_all() {
     );
     // Adjacent ranges are fine (they reach the fake kernel).
     assert!(matches!(ioas.unmap_range(0x10_0000 + 4 * page, page), Err(Error::Unsupported { .. })));
-    // The guard's unmap fails (ENOTTY): reported, and its memory would be leaked, not freed.
-    assert!(matches!(guard.unmap(), Err(Error::Unsupported { .. })));
+    // The guard's unmap fails (ENOTTY): reported, and the guard comes back, still owning its range.
+    let refused = guard.unmap().unwrap_err();
+    assert!(matches!(refused.error(), Error::Unsupported { .. }));
+    let guard = refused.into_inner();
+    assert_invalid(ioas.unmap_range(0x10_0000, page), "IOMMU_IOAS_UNMAP", "live mapping");
+    // Leaked, the range is no longer protected, but cutting it is refused (the kernel unmaps whole
+    // areas only), before any ioctl.
+    let range = guard.leak();
+    assert_invalid(ioas.unmap_range(0x10_0000, page), "IOMMU_IOAS_UNMAP", "cuts the mapping");
+    assert!(matches!(ioas.unmap_range(range.start, range.len()), Err(Error::Unsupported { .. })));
 }
 
 #[test]
 fn objects_of_another_iommufd_are_refused_before_any_ioctl() {
     let (_a, ioas_a) = fake();
     let (_b, ioas_b) = fake();
-    let guard = ioas_a.guard::<UserMemory>(0, page_size() as u64, Access::READ, ());
-    match ioas_b.copy(&guard, Iova::Auto, Access::READ) {
+    let guard = ioas_a.fake_guard::<UserMemory>(0, page_size() as u64, Access::READ, ());
+    // SAFETY: the refusal comes before any ioctl, so nothing is mapped and no memory is exposed.
+    match unsafe { ioas_b.copy_user(&guard, Iova::Auto, Access::READ) } {
         Err(Error::ForeignObject { op }) => assert_eq!(op, "IOMMU_IOAS_COPY"),
         other => panic!("expected ForeignObject, got {other:?}"),
     }
@@ -212,12 +221,15 @@ fn objects_of_another_iommufd_are_refused_before_any_ioctl() {
 fn explicit_destroy_refuses_while_referenced() {
     let (_fd, ioas) = fake();
     let clone = ioas.clone();
-    match ioas.destroy() {
-        Err(Error::InUse { users, .. }) => assert_eq!(users, 1),
+    let ioas = match ioas.destroy() {
+        Err(e) if matches!(e.error(), Error::InUse { users: 1, .. }) => e.into_inner(),
         other => panic!("expected InUse, got {other:?}"),
-    }
-    // The last handle reaches the (fake) kernel.
-    assert!(matches!(clone.destroy(), Err(Error::Unsupported { op: "IOMMU_DESTROY", .. })));
+    };
+    drop(clone);
+    // The last handle reaches the (fake) kernel; refused there, it comes back too.
+    let refused = ioas.destroy().unwrap_err();
+    assert!(matches!(refused.error(), Error::Unsupported { op: "IOMMU_DESTROY", .. }));
+    assert!(refused.into_inner().destroy().is_err(), "and can be retried");
 }
 
 #[test]
@@ -231,4 +243,8 @@ fn iova_range_arithmetic() {
     assert!(!r.overlaps(&IovaRange { start: 0x3000, last: 0x3fff }));
     assert!(r.contains(&IovaRange { start: 0x1000, last: 0x1fff }));
     assert_eq!(IovaRange { start: 0, last: u64::MAX }.len(), u64::MAX);
+    // Inverted ranges hold nothing and overlap nothing: no panic, no wrapped length.
+    let inverted = IovaRange { start: 0x3000, last: 0x1000 };
+    assert_eq!((inverted.len(), inverted.is_empty()), (0, true));
+    assert!(!inverted.overlaps(&r) && !r.overlaps(&inverted) && !r.contains(&inverted));
 }

@@ -334,7 +334,7 @@ fn hw_queues_pin_their_memory_and_chain() {
 
     // The queue memory is pinned: the kernel refuses to unmap it while a queue exists. (The failed
     // unmap leaks the guard's buffer rather than freeing memory a queue may read.)
-    assert_eq!(errno(mapping.unmap()), Errno::BUSY);
+    assert_eq!(errno(mapping.unmap().map_err(iommufd::Error::from)), Errno::BUSY);
 
     // Dropping queue 1 destroys it, then queue 0.
     logs::start();
