@@ -242,8 +242,16 @@ fn stress(with_domain: bool) -> Stats {
     stats
 }
 
+/// Prints to the console even when libtest captures test output (the VM log keeps the figures).
+macro_rules! console {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn report(name: &str, stats: &Stats) {
-    eprintln!(
+    console!(
         "{name}: {} rounds x {THREADS} threads, {} ops ({} maps, {} unmaps, {} copies, {} leaks, {} unmap_all, \
          {} unmap_range), {} guard checks, {} mismatches",
         stats.rounds,
@@ -319,7 +327,7 @@ fn unmap_all_cannot_remove_a_concurrent_map() {
         (refused, done) = unmapper.join().unwrap();
     });
     let bad = check_guards(&ioas, &access, &live);
-    eprintln!("unmap_all race: {refused} refused, {done} done, {} live guards checked", live.len());
+    console!("unmap_all race: {refused} refused, {done} done, {} live guards checked", live.len());
     assert!(bad.is_empty(), "{bad:#?}");
 }
 
