@@ -133,6 +133,24 @@ impl Areas {
         self.overlapping(range).next()
     }
 
+    /// Handles a failed map, copy or map_file. `EFAULT` is the one failure after which the kernel may
+    /// have kept the new area: it maps first and copies its answer out last, without undoing the map
+    /// when that copy faults. The memory the area would use is then leaked, never freed, and a fixed
+    /// range is recorded as a leaked area.
+    fn failed_map<H>(&mut self, e: &Error, flags: u32, iova: u64, len: u64, held: H) {
+        if e.errno() != Some(rustix::io::Errno::FAULT) {
+            return; // the kernel undid everything; `held` is released
+        }
+        log::error!("iommufd: a map failed with EFAULT and may have been kept; leaking its memory");
+        std::mem::forget(held);
+        if flags & sys::IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+            if let Some(last) = iova.checked_add(len.saturating_sub(1)) {
+                self.next_id = self.next_id.wrapping_add(1);
+                self.map.insert((iova, self.next_id), (last, Owner::Leaked));
+            }
+        }
+    }
+
     /// Records a new area owned by a guard; returns the guard's id.
     fn insert_guard(&mut self, range: IovaRange) -> u64 {
         self.next_id = self.next_id.wrapping_add(1);
@@ -416,8 +434,13 @@ impl Ioas {
         let mut areas = self.inner.lock(OP)?;
         let (flags, iova) = self.check_free(&areas, OP, at, len)?;
         let region = dma::dma_region(buffer);
-        let iova = self.map_va(region.addr(), len, flags | access.bits(), iova)?;
-        Ok(self.guard(&mut areas, iova, len, access, region))
+        match self.map_va(region.addr(), len, flags | access.bits(), iova) {
+            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, region)),
+            Err(e) => {
+                areas.failed_map(&e, flags, iova, len, region);
+                Err(e)
+            }
+        }
     }
 
     fn map_va(&self, va: u64, len: u64, flags: u32, iova: u64) -> Result<u64> {
@@ -475,8 +498,13 @@ impl Ioas {
         let len = len as u64;
         let mut areas = self.inner.lock(OP)?;
         let (flags, iova) = self.check_free(&areas, OP, at, len)?;
-        let iova = self.map_va(va as u64, len, flags | access.bits(), iova)?;
-        Ok(self.guard(&mut areas, iova, len, access, ()))
+        match self.map_va(va as u64, len, flags | access.bits(), iova) {
+            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
+            Err(e) => {
+                areas.failed_map(&e, flags, iova, len, ());
+                Err(e)
+            }
+        }
     }
 
     /// Maps `len` bytes of `file` starting at `offset` (`IOMMU_IOAS_MAP_FILE`, Linux 6.13). The kernel
@@ -521,7 +549,10 @@ impl Ioas {
         arg.iova = iova;
         // SAFETY: IOMMU_IOAS_MAP_FILE takes `iommu_ioas_map_file`, sized by `new()`, with no pointers;
         // `fd` is borrowed open for the call. The kernel pins the file's pages and holds them itself.
-        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) }?;
+        if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) } {
+            areas.failed_map(&e, flags, iova, len, ());
+            return Err(e);
+        }
         Ok(self.guard(&mut areas, arg.iova, len, access, ()))
     }
 
@@ -579,7 +610,10 @@ impl Ioas {
         arg.src_iova = src.iova;
         // SAFETY: IOMMU_IOAS_COPY takes `iommu_ioas_copy`, sized by `new()`, with no pointers. The new
         // range shares pages the source guard keeps alive; the new guard holds them too.
-        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) }?;
+        if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) } {
+            areas.failed_map(&e, flags, iova, src.len, held);
+            return Err(e);
+        }
         Ok(self.guard(&mut areas, arg.dst_iova, src.len, access, held))
     }
 
