@@ -299,6 +299,7 @@ fn unmap_all_cannot_remove_a_concurrent_map() {
     let stop = AtomicBool::new(false);
     let mut live = Vec::new();
     let (mut refused, mut done) = (0u64, 0u64);
+    let (mut mismatches, mut checked) = (Vec::new(), 0);
     std::thread::scope(|s| {
         let unmapper = s.spawn(|| {
             let mut n = (0u64, 0u64);
@@ -311,24 +312,32 @@ fn unmap_all_cannot_remove_a_concurrent_map() {
             }
             n
         });
-        for i in 0..400 {
+        for i in 0..600 {
             let (buf, tag) = tagged(1);
             let mapping = ioas.map(buf, Iova::Auto, Access::READ_WRITE).unwrap();
-            if i % 2 == 0 {
+            if i % 3 == 0 {
                 mapping.unmap().map_err(Error::from).unwrap();
             } else {
                 live.push(Live { mapping, tag });
             }
-            if live.len() > 8 {
-                drop(live.remove(0));
+            // Check and empty the pool often, so `unmap_all` finds no guard and proceeds often.
+            if live.len() >= 2 {
+                mismatches.extend(check_guards(&ioas, &access, &live));
+                checked += live.len();
+                live.clear();
             }
         }
         stop.store(true, Ordering::Relaxed);
         (refused, done) = unmapper.join().unwrap();
     });
-    let bad = check_guards(&ioas, &access, &live);
-    console!("unmap_all race: {refused} refused, {done} done, {} live guards checked", live.len());
-    assert!(bad.is_empty(), "{bad:#?}");
+    mismatches.extend(check_guards(&ioas, &access, &live));
+    checked += live.len();
+    console!(
+        "unmap_all race: {refused} refused, {done} done, {checked} guard checks, {} mismatches",
+        mismatches.len()
+    );
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
+    assert!(done > 0 && refused > 0, "the race needs both outcomes of unmap_all to mean anything");
 }
 
 /// A `fork()`ed child shares the iommufd. Its copies of the parent's guards must do nothing: no unmap
