@@ -28,6 +28,18 @@ impl Object {
         &self.iommufd
     }
 
+    /// Destroys the object now, reporting failure. On failure the object stays live: its owner can
+    /// try again, and dropping it tries again (and logs).
+    pub(crate) fn try_destroy(&mut self) -> Result<()> {
+        if !self.live {
+            return Ok(());
+        }
+        self.iommufd.check_process("IOMMU_DESTROY")?;
+        ioctl::destroy(self.iommufd.as_fd(), self.id)?;
+        self.live = false;
+        Ok(())
+    }
+
     /// Destroys the object now, reporting failure. Either way the object is not destroyed again.
     pub(crate) fn destroy(mut self) -> Result<()> {
         self.iommufd.check_process("IOMMU_DESTROY")?;
