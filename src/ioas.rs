@@ -763,13 +763,10 @@ impl Ioas {
             return Err(CloseError::new(error, self));
         }
         match Arc::try_unwrap(self.inner) {
-            Ok(inner) => {
-                let IoasInner { obj, areas, alignment } = inner;
-                obj.try_destroy().map_err(|(error, obj)| {
-                    let inner = IoasInner { obj, areas, alignment };
-                    CloseError::new(error, Ioas { inner: Arc::new(inner) })
-                })
-            }
+            Ok(mut inner) => match inner.obj.try_destroy() {
+                Ok(()) => Ok(()),
+                Err(error) => Err(CloseError::new(error, Ioas { inner: Arc::new(inner) })),
+            },
             Err(inner) => {
                 let users = Arc::strong_count(&inner) - 1;
                 Err(CloseError::new(Error::InUse { op: OP, users }, Ioas { inner }))

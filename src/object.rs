@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ioctl;
 use crate::iommufd::Iommufd;
 use std::os::fd::AsFd;
@@ -28,24 +28,23 @@ impl Object {
         &self.iommufd
     }
 
-    /// Destroys the object now, reporting failure. On failure the object stays live: its drop
-    /// tries once more and logs, so a refused destroy never leaks the kernel object silently.
-    pub(crate) fn destroy(self) -> Result<()> {
-        self.try_destroy().map_err(|(e, _obj)| e)
+    /// Destroys the object now, reporting failure. On failure the object stays live: its owner can
+    /// try again, and dropping it tries again (and logs), so a refused destroy never leaks the kernel
+    /// object silently.
+    pub(crate) fn try_destroy(&mut self) -> Result<()> {
+        if !self.live {
+            return Ok(());
+        }
+        self.iommufd.check_process("IOMMU_DESTROY")?;
+        ioctl::destroy(self.iommufd.as_fd(), self.id)?;
+        self.live = false;
+        Ok(())
     }
 
-    /// Destroys the object now; on failure gives it back, still live, for a retry.
-    pub(crate) fn try_destroy(mut self) -> std::result::Result<(), (Error, Object)> {
-        if let Err(e) = self.iommufd.check_process("IOMMU_DESTROY") {
-            return Err((e, self));
-        }
-        match ioctl::destroy(self.iommufd.as_fd(), self.id) {
-            Ok(()) => {
-                self.live = false;
-                Ok(())
-            }
-            Err(e) => Err((e, self)),
-        }
+    /// [`try_destroy`](Self::try_destroy) for an owner that does not keep the object on failure: it
+    /// is dropped still live, so its drop tries once more and logs.
+    pub(crate) fn destroy(mut self) -> Result<()> {
+        self.try_destroy()
     }
 }
 

@@ -72,7 +72,7 @@ fn viommu_children_and_explicit_teardown() {
     assert_eq!(viommu.nest_parent().id(), parent.id());
 
     // The vIOMMU holds its nest parent: refused here, and by the kernel.
-    assert_in_use(parent.clone().destroy());
+    assert_in_use(parent.clone().destroy().map_err(Error::from));
     assert!(busy(&iommufd, parent.id()));
 
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).expect("IOMMU_VDEVICE_ALLOC");
