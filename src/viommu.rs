@@ -28,7 +28,7 @@ use rustix::io::Errno;
 
 use crate::device::IommuDevice;
 use crate::error::{Error, Result};
-use crate::fault::poll_readable;
+use crate::fault::{deadline, poll_readable};
 use crate::hwpt::{Hwpt, HwptFlags, HwptInner, HwptKind, NestParent, ObjRef, sealed};
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
@@ -397,6 +397,11 @@ pub enum VeventRecord {
     Lost(LostEvents),
 }
 
+/// The largest payload one vEVENT can have: the kernel allocates each event with one `kmalloc`,
+/// whose limit (`KMALLOC_MAX_SIZE`, 2^(MAX_PAGE_ORDER + PAGE_SHIFT)) is at most 512 MiB in any
+/// default configuration (4 MiB on x86-64).
+pub(crate) const MAX_VEVENT_DATA: usize = 512 << 20;
+
 /// vEVENT sequence numbers run over `0..=INT_MAX` and wrap to 0.
 const SEQ_MASK: u32 = i32::MAX as u32;
 const VEVENT_HEADER: usize = size_of::<sys::iommufd_vevent_header>();
@@ -518,6 +523,8 @@ pub struct Veventq {
     depth: u32,
     tracker: SeqTracker,
     lost: u64,
+    /// An error [`Veventq::read`] held back because it returned the records read before it.
+    pending: Option<Error>,
 }
 
 impl std::fmt::Debug for Veventq {
@@ -534,8 +541,14 @@ impl std::fmt::Debug for Veventq {
 }
 
 impl Veventq {
-    /// How many events one read asks for.
+    /// How many events one `read(2)` asks for, at most.
     const BATCH: usize = 64;
+    /// The read buffer's size: [`BATCH`](Self::BATCH) events, fewer if they are large (but always
+    /// room for one).
+    const READ_BYTES: usize = 64 << 10;
+    /// [`read`](Self::read) returns after this many `read(2)`s that filled the buffer, so that a
+    /// vIOMMU that keeps reporting cannot keep one call reading forever.
+    const MAX_READS: usize = 64;
 
     /// Allocates an event queue of `kind` holding at most `depth` events on `viommu`
     /// (`IOMMU_VEVENTQ_ALLOC`, Linux 6.15).
@@ -546,6 +559,16 @@ impl Veventq {
     pub fn alloc(viommu: &Viommu, kind: VeventqType, depth: u32) -> Result<Veventq> {
         if depth == 0 {
             return Err(Error::invalid(VEVENTQ_ALLOC, "the depth is zero"));
+        }
+        if kind.data_len() > MAX_VEVENT_DATA {
+            return Err(Error::invalid(
+                VEVENTQ_ALLOC,
+                format!(
+                    "a payload of {} bytes per event is more than the kernel can allocate for one \
+                     event ({MAX_VEVENT_DATA} bytes)",
+                    kind.data_len()
+                ),
+            ));
         }
         let iommufd = viommu.iommufd();
         let mut arg = sys::iommu_veventq_alloc::new();
@@ -566,6 +589,7 @@ impl Veventq {
             depth,
             tracker: SeqTracker::default(),
             lost: 0,
+            pending: None,
         })
     }
 
@@ -598,42 +622,99 @@ impl Veventq {
     /// appear as [`VeventRecord::Lost`] where they were dropped.
     ///
     /// Lost-event accounting assumes every read of the fd goes through this handle.
+    ///
+    /// If the next event is larger than the queue's type says (a [`VeventqType::Raw`] whose
+    /// `data_len` is too small), the kernel hands out nothing and this returns [`Error::Protocol`]
+    /// (every later read does too: the event stays at the head of the queue). Events are never
+    /// dropped: if a later `read(2)` of the same call fails after some events were read, those are
+    /// returned and the error is held back for the next `read` or `read_timeout`.
     pub fn read(&mut self) -> Result<Vec<VeventRecord>> {
-        const OP: &str = "read(vEVENTQ)";
-        let record = VEVENT_HEADER + self.kind.data_len();
-        let mut buf = vec![0u8; Self::BATCH * record];
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
         let mut out = Vec::new();
-        loop {
-            let n = match rustix::io::read(self.fd.as_fd(), &mut buf) {
-                Ok(n) => n,
-                Err(Errno::INVAL) => {
-                    return Err(Error::Protocol {
-                        op: OP,
-                        detail: format!(
-                            "the next event does not fit {record} bytes: wrong data_len for this queue type"
-                        ),
-                    });
-                }
-                Err(e) => return Err(Error::os(OP, e)),
-            };
-            self.lost += parse_vevents(self.kind, &buf[..n], &mut self.tracker, &mut out)?;
-            // The kernel stops early only when the queue is empty (a lost-events header is shorter
-            // than a record, so room for a whole record means nothing more was pending).
-            if buf.len() - n >= record {
-                return Ok(out);
+        match self.read_into(&mut out) {
+            Ok(()) => Ok(out),
+            Err(e) if out.is_empty() => Err(e),
+            Err(e) => {
+                self.pending = Some(e);
+                Ok(out)
             }
         }
     }
 
-    /// Waits until an event is pending or `timeout` passes (`None`: no limit). Returns whether one
-    /// is pending.
+    /// Reads pending events into `out` until none is left (or [`MAX_READS`](Self::MAX_READS) full
+    /// buffers were read); on error, `out` keeps what was read before it.
+    fn read_into(&mut self, out: &mut Vec<VeventRecord>) -> Result<()> {
+        const OP: &str = "read(vEVENTQ)";
+        let data_len = self.kind.data_len();
+        // `alloc` bounds `data_len`, so neither sum overflows.
+        let record = VEVENT_HEADER.saturating_add(data_len);
+        let len = record.saturating_mul((Self::READ_BYTES / record).clamp(1, Self::BATCH));
+        let mut buf: Vec<u8> = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| Error::os(OP, Errno::NOMEM))?;
+        let too_small = || Error::Protocol {
+            op: OP,
+            detail: format!(
+                "the next event is larger than {record} bytes (an event header and {data_len} bytes of \
+                 payload): the queue's type, {:?}, does not match its events",
+                self.kind
+            ),
+        };
+        // Whether the last read(2) returned nothing while the fd was readable.
+        let mut empty_but_readable = false;
+        for _ in 0..Self::MAX_READS {
+            // Read into uninitialised spare capacity: a large buffer is not touched beyond what the
+            // kernel writes.
+            let window = buf.spare_capacity_mut().get_mut(..len).unwrap_or_default();
+            let got = match rustix::io::read(self.fd.as_fd(), window) {
+                Ok((got, _)) => got,
+                // Current kernels: the first pending event does not fit the buffer.
+                Err(Errno::INVAL) => return Err(too_small()),
+                Err(e) => return Err(Error::os(OP, e)),
+            };
+            if got.is_empty() {
+                // Either the queue is empty, or its first event does not fit: kernels before a
+                // 2026 fix answer 0 rather than EINVAL then, and the fd stays readable. A readable
+                // fd is read once more (an event that merely arrived in between is read then);
+                // nothing again means the event does not fit.
+                if !poll_readable(self.fd.as_fd(), Some(Duration::ZERO), "poll(vEVENTQ)")? {
+                    return Ok(());
+                }
+                if empty_but_readable {
+                    return Err(too_small());
+                }
+                empty_but_readable = true;
+                continue;
+            }
+            empty_but_readable = false;
+            let n = got.len();
+            let lost = parse_vevents(self.kind, got, &mut self.tracker, out)?;
+            self.lost = self.lost.saturating_add(lost);
+            // The kernel stops early only when the queue is empty or the next event does not fit
+            // (a lost-events header is shorter than a record, so room for a whole record means
+            // nothing more was pending, or an event too large for its type is next: the next call
+            // reports that).
+            if len.saturating_sub(n) >= record {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until an event is pending or `timeout` passes (`None`, or a timeout too long for the
+    /// clock: no limit). Returns whether one is pending.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         poll_readable(self.fd.as_fd(), timeout, "poll(vEVENTQ)")
     }
 
-    /// Waits as [`wait`](Self::wait) does, then reads every pending event (empty on timeout).
+    /// Waits as [`wait`](Self::wait) does, then reads every pending event (empty on timeout). An
+    /// error held back by an earlier read is returned at once.
     pub fn read_timeout(&mut self, timeout: Option<Duration>) -> Result<Vec<VeventRecord>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
+        let deadline = deadline(timeout);
         loop {
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if !self.wait(remaining)? {
