@@ -635,7 +635,7 @@ impl AsyncFaultQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]

@@ -1087,6 +1087,254 @@ mod tests {
         );
     }
 
+    /// A vIOMMU handle over a made-up nest parent on a fake iommufd (`/dev/null`).
+    fn fake_viommu() -> Viommu {
+        let (iommufd, ioas) = crate::tests::fake();
+        let parent = Hwpt::fake(&ioas, 8, HwptKind::Paging, HwptFlags::NEST_PARENT);
+        Viommu {
+            inner: Arc::new(ViommuInner {
+                obj: Object::new(&iommufd, 9, "vIOMMU"),
+                nest_parent: parent.inner.clone(),
+                kind: ViommuType::Raw(0),
+                hw_queues: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A vEVENTQ whose fd is one end of a datagram socket pair: each `read(2)` returns one datagram
+    /// sent from the other end, so a test scripts what "the kernel" answers.
+    fn scripted_veventq(kind: VeventqType) -> (Veventq, std::os::unix::net::UnixDatagram) {
+        let (fd, kernel) = crate::fault::tests::scripted_fd();
+        let viommu = fake_viommu();
+        let q = Veventq {
+            fd,
+            obj: Object::new(viommu.iommufd(), 10, "vEVENTQ"),
+            viommu: viommu.inner.clone(),
+            kind,
+            depth: 8,
+            tracker: SeqTracker::default(),
+            lost: 0,
+            pending: None,
+        };
+        (q, kernel)
+    }
+
+    #[test]
+    fn an_event_larger_than_its_type_is_an_error_not_an_endless_empty_read() {
+        // Kernels before the EINVAL fix answer a read whose buffer the first event does not fit with
+        // 0 and leave the fd readable: three such answers in a row here.
+        let too_small = VeventqType::Raw { kind: 0xbeef_beef, data_len: 0 };
+        let refusing = || {
+            let (q, kernel) = scripted_veventq(too_small);
+            for _ in 0..3 {
+                kernel.send(&[]).unwrap();
+            }
+            (q, kernel)
+        };
+        let (mut q, _kernel) = refusing();
+        assert!(matches!(q.read(), Err(Error::Protocol { .. })));
+        // `read_timeout(None)` used to spin here forever.
+        let (mut q, _kernel) = refusing();
+        let e = q.read_timeout(None).unwrap_err();
+        assert!(e.to_string().contains("larger than 8 bytes"), "{e}");
+        // An empty queue (0, and the fd not readable) is an empty read, not an error.
+        let (mut q, kernel) = scripted_veventq(too_small);
+        kernel.send(&[]).unwrap();
+        assert_eq!(q.read().unwrap(), []);
+        // A lone 0 with the fd readable again is an event that arrived meanwhile: it is read.
+        kernel.send(&[]).unwrap();
+        kernel.send(&header(0, 0)).unwrap();
+        assert_eq!(
+            q.read().unwrap(),
+            [VeventRecord::Event(Vevent { sequence: 0, data: VeventData::Raw(vec![]) })]
+        );
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn async_read_of_an_event_larger_than_its_type_completes_with_an_error() {
+        let (q, kernel) = scripted_veventq(SELFTEST);
+        for _ in 0..3 {
+            kernel.send(&[]).unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+            let r = rt.block_on(async move { AsyncVeventq::new(q).unwrap().read().await });
+            let _ = tx.send(r.map(|v| v.len()));
+            drop(kernel);
+        });
+        let r = rx.recv_timeout(Duration::from_secs(10)).expect("AsyncVeventq::read completes");
+        assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn events_read_before_a_failing_read_are_returned_and_the_error_held_back() {
+        let (mut q, kernel) = scripted_veventq(SELFTEST);
+        // A full buffer (64 events of 12 bytes), then a torn event.
+        let full: Vec<u8> = (0..64).flat_map(|i| event(i, 7)).collect();
+        kernel.send(&full).unwrap();
+        kernel.send(&event(64, 7)[..5]).unwrap();
+        let got = q.read().unwrap();
+        assert_eq!(got.len(), 64, "the 64 events are returned, not dropped");
+        assert_eq!(
+            got[63],
+            VeventRecord::Event(Vevent { sequence: 63, data: VeventData::Raw(7u32.to_ne_bytes().to_vec()) })
+        );
+        // The error comes next, once.
+        assert!(matches!(q.read_timeout(Some(Duration::MAX)), Err(Error::Protocol { .. })));
+        kernel.send(&[]).unwrap();
+        assert_eq!(q.read().unwrap(), []);
+    }
+
+    #[test]
+    fn huge_payload_sizes_are_refused_not_aborted_on() {
+        let viommu = fake_viommu();
+        for data_len in [usize::MAX, usize::MAX - 7, MAX_VEVENT_DATA + 1] {
+            let kind = VeventqType::Raw { kind: 0xbeef_beef, data_len };
+            match Veventq::alloc(&viommu, kind, 8) {
+                Err(Error::InvalidArgument { op: VEVENTQ_ALLOC, reason }) => {
+                    assert!(reason.contains("payload"))
+                }
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            }
+        }
+        // The largest payload the kernel can produce is accepted, and a read with a buffer for it
+        // neither aborts nor touches the memory it does not need.
+        let (mut q, kernel) =
+            scripted_veventq(VeventqType::Raw { kind: 0xbeef_beef, data_len: MAX_VEVENT_DATA });
+        kernel.send(&[]).unwrap();
+        assert_eq!(q.read().unwrap(), []);
+    }
+
+    #[test]
+    fn waits_without_limit_do_not_overflow_the_clock() {
+        let (mut q, kernel) = scripted_veventq(SELFTEST);
+        kernel.send(&event(0, 1)).unwrap();
+        assert!(q.wait(Some(Duration::MAX)).unwrap());
+        assert_eq!(q.read_timeout(Some(Duration::MAX)).unwrap().len(), 1);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_kind() -> impl Strategy<Value = VeventqType> {
+            prop_oneof![
+                Just(VeventqType::Default),
+                Just(VeventqType::ArmSmmuv3),
+                Just(VeventqType::Tegra241Cmdqv),
+                (any::<u32>(), 0usize..48).prop_map(|(kind, data_len)| VeventqType::Raw { kind, data_len }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Any bytes of any length, any type, any accounting state: records or a protocol error,
+            /// never a panic; the lost total is the sum of the lost records.
+            #[test]
+            fn parse_vevents_never_panics(
+                kind in any_kind(),
+                bytes in proptest::collection::vec(any::<u8>(), 0..300),
+                next in 0u32..=SEQ_MASK,
+            ) {
+                let mut tracker = SeqTracker { next };
+                let mut out = Vec::new();
+                if let Ok(lost) = parse_vevents(kind, &bytes, &mut tracker, &mut out) {
+                    let counted: u64 = out
+                        .iter()
+                        .map(|r| match r { VeventRecord::Lost(l) => u64::from(l.count), _ => 0 })
+                        .sum();
+                    prop_assert_eq!(lost, counted);
+                    for r in &out {
+                        match r {
+                            VeventRecord::Event(e) => {
+                                let len = match &e.data {
+                                    VeventData::ArmSmmuv3(_) => 32,
+                                    VeventData::Tegra241Cmdqv(_) => 16,
+                                    VeventData::Raw(b) => b.len(),
+                                };
+                                prop_assert_eq!(len, kind.data_len());
+                            }
+                            VeventRecord::Lost(l) => {
+                                prop_assert!(l.count >= 1 && l.count <= SEQ_MASK + 1);
+                                prop_assert!(l.first_sequence <= SEQ_MASK);
+                            }
+                        }
+                    }
+                    prop_assert!(tracker.next <= SEQ_MASK);
+                }
+            }
+
+            /// A stream the kernel could write (events numbered with gaps where events were dropped,
+            /// a lost-events header possibly at the end) decodes to every event, and the losses
+            /// counted are exactly the numbers skipped.
+            #[test]
+            fn kernel_streams_decode_with_exact_loss_accounting(
+                start in 0u32..=SEQ_MASK,
+                steps in proptest::collection::vec((0u32..4, any::<u32>()), 0..40),
+                tail_lost in proptest::option::of(0u32..4),
+                kind in any_kind(),
+            ) {
+                let data_len = kind.data_len();
+                let mut tracker = SeqTracker { next: start };
+                let mut seq = start;
+                let mut bytes = Vec::new();
+                let mut want_lost = 0u64;
+                let mut want_events = Vec::new();
+                for (gap, payload_seed) in &steps {
+                    seq = seq.wrapping_add(*gap) & SEQ_MASK;
+                    want_lost += u64::from(*gap);
+                    bytes.extend_from_slice(&header(0, seq));
+                    let payload: Vec<u8> = (0..data_len).map(|i| (payload_seed.wrapping_add(i as u32)) as u8).collect();
+                    bytes.extend_from_slice(&payload);
+                    want_events.push((seq, payload));
+                    seq = seq.wrapping_add(1) & SEQ_MASK;
+                }
+                if let Some(extra) = tail_lost {
+                    // The header carries the number of the last dropped event.
+                    let last = seq.wrapping_add(extra) & SEQ_MASK;
+                    bytes.extend_from_slice(&header(sys::IOMMU_VEVENTQ_FLAG_LOST_EVENTS, last));
+                    want_lost += u64::from(extra) + 1;
+                }
+                let mut out = Vec::new();
+                let lost = parse_vevents(kind, &bytes, &mut tracker, &mut out).unwrap();
+                prop_assert_eq!(lost, want_lost);
+                let events: Vec<(u32, Vec<u8>)> = out
+                    .iter()
+                    .filter_map(|r| match r {
+                        VeventRecord::Event(e) => Some((e.sequence, e.data.clone())),
+                        VeventRecord::Lost(_) => None,
+                    })
+                    .map(|(s, d)| {
+                        let raw = match d {
+                            VeventData::ArmSmmuv3(w) => w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                            VeventData::Tegra241Cmdqv(w) => w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                            VeventData::Raw(b) => b,
+                        };
+                        (s, raw)
+                    })
+                    .collect();
+                prop_assert_eq!(events, want_events);
+            }
+
+            /// The sequence tracker: any state, any number: no panic, numbers stay in range.
+            #[test]
+            fn seq_tracker_stays_in_range(next in 0u32..=SEQ_MASK, seq: u32, lost_header: bool) {
+                let mut t = SeqTracker { next };
+                if lost_header {
+                    let l = t.lost_header(seq);
+                    prop_assert!(l.count >= 1 && l.count <= SEQ_MASK + 1);
+                } else if let Some(l) = t.event(seq) {
+                    prop_assert!(l.count >= 1 && l.count <= SEQ_MASK);
+                    prop_assert_eq!(l.first_sequence, next);
+                }
+                prop_assert_eq!(t.next, (seq & SEQ_MASK).wrapping_add(1) & SEQ_MASK);
+            }
+        }
+    }
+
     #[test]
     fn torn_records_are_protocol_errors() {
         let mut out = Vec::new();
