@@ -27,9 +27,11 @@ use iommufd_sys as sys;
 use rustix::io::Errno;
 
 use crate::device::IommuDevice;
+use crate::dma::Memory;
 use crate::error::{Error, Result};
 use crate::fault::{deadline, poll_readable};
 use crate::hwpt::{Hwpt, HwptFlags, HwptInner, HwptKind, NestParent, ObjRef, sealed};
+use crate::ioas::Mapping;
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
 use crate::nested::{InvalidateEntries, InvalidateError, invalidate_object};
@@ -525,6 +527,9 @@ pub struct Veventq {
     lost: u64,
     /// An error [`Veventq::read`] held back because it returned the records read before it.
     pending: Option<Error>,
+    /// Whether an event of the size the type gives has been read (reads take one event at a time
+    /// until then).
+    sized: bool,
 }
 
 impl std::fmt::Debug for Veventq {
@@ -590,6 +595,7 @@ impl Veventq {
             tracker: SeqTracker::default(),
             lost: 0,
             pending: None,
+            sized: false,
         })
     }
 
@@ -623,9 +629,12 @@ impl Veventq {
     ///
     /// Lost-event accounting assumes every read of the fd goes through this handle.
     ///
-    /// If the next event is larger than the queue's type says (a [`VeventqType::Raw`] whose
-    /// `data_len` is too small), the kernel hands out nothing and this returns [`Error::Protocol`]
-    /// (every later read does too: the event stays at the head of the queue). Events are never
+    /// If the events are larger than the queue's type says (a [`VeventqType::Raw`] whose `data_len`
+    /// is too small), the kernel hands out nothing and this returns [`Error::Protocol`] (every later
+    /// read does too: the event stays at the head of the queue); the first read of a queue takes
+    /// one event only, to check its size before reading in batches. A `data_len` that is too large
+    /// fails with [`Error::Protocol`] too, or (rarely, when several events happen to add up to one
+    /// record) misparses. Events are never
     /// dropped: if a later `read(2)` of the same call fails after some events were read, those are
     /// returned and the error is held back for the next `read` or `read_timeout`.
     pub fn read(&mut self) -> Result<Vec<VeventRecord>> {
@@ -650,9 +659,9 @@ impl Veventq {
         let data_len = self.kind.data_len();
         // `alloc` bounds `data_len`, so neither sum overflows.
         let record = VEVENT_HEADER.saturating_add(data_len);
-        let len = record.saturating_mul((Self::READ_BYTES / record).clamp(1, Self::BATCH));
+        let batch_len = record.saturating_mul((Self::READ_BYTES / record).clamp(1, Self::BATCH));
         let mut buf: Vec<u8> = Vec::new();
-        buf.try_reserve_exact(len).map_err(|_| Error::os(OP, Errno::NOMEM))?;
+        buf.try_reserve_exact(batch_len).map_err(|_| Error::os(OP, Errno::NOMEM))?;
         let too_small = || Error::Protocol {
             op: OP,
             detail: format!(
@@ -664,6 +673,10 @@ impl Veventq {
         // Whether the last read(2) returned nothing while the fd was readable.
         let mut empty_but_readable = false;
         for _ in 0..Self::MAX_READS {
+            // Until an event of the expected size has been read, read one record at a time: the
+            // kernel refuses an event larger than the buffer rather than handing it out, so a type
+            // whose events are larger than `data_len` is caught before anything is misparsed.
+            let len = if self.sized { batch_len } else { record };
             // Read into uninitialised spare capacity: a large buffer is not touched beyond what the
             // kernel writes.
             let window = buf.spare_capacity_mut().get_mut(..len).unwrap_or_default();
@@ -689,8 +702,11 @@ impl Veventq {
             }
             empty_but_readable = false;
             let n = got.len();
+            let before = out.len();
             let lost = parse_vevents(self.kind, got, &mut self.tracker, out)?;
             self.lost = self.lost.saturating_add(lost);
+            // A whole event read into a one-record buffer: the events have the expected size.
+            self.sized |= out[before..].iter().any(|r| matches!(r, VeventRecord::Event(_)));
             // The kernel stops early only when the queue is empty or the next event does not fit
             // (a lost-events header is shorter than a record, so room for a whole record means
             // nothing more was pending, or an event too large for its type is next: the next call
@@ -830,27 +846,67 @@ impl HwQueueType {
     }
 }
 
+/// What a HW queue holds on to: its queue memory's mapping, type-erased.
+type HeldMapping = Arc<dyn Any + Send + Sync>;
+
 struct HwQueueInner {
-    // Field order is drop order: this queue, then the queue of the index below, then the vIOMMU.
-    obj: Object,
-    _prev: Option<Arc<HwQueueInner>>,
-    viommu: Arc<ViommuInner>,
+    /// `None` once destroyed (explicitly or by `Drop`).
+    obj: Option<Object>,
+    // Released after the queue is destroyed, in this order: the queue of the index below, the
+    // vIOMMU, the queue memory's mapping.
+    prev: Option<Arc<HwQueueInner>>,
+    viommu: Option<Arc<ViommuInner>>,
+    memory: Option<HeldMapping>,
+    viommu_id: u32,
     kind: HwQueueType,
     index: u32,
     iova: u64,
     length: u64,
 }
 
+impl HwQueueInner {
+    /// Destroys the queue. On failure the kernel may still use the queue, so what it holds is never
+    /// released: the vIOMMU and the queue below stay alive and the mapping is never unmapped (its
+    /// memory is leaked rather than freed while the hardware may read it).
+    fn destroy(&mut self) -> Result<()> {
+        let Some(obj) = self.obj.take() else { return Ok(()) };
+        let r = obj.destroy();
+        if r.is_err() {
+            std::mem::forget(self.prev.take());
+            std::mem::forget(self.viommu.take());
+            std::mem::forget(self.memory.take());
+        }
+        r
+    }
+}
+
+impl Drop for HwQueueInner {
+    fn drop(&mut self) {
+        let id = self.obj.as_ref().map(Object::id);
+        match self.destroy() {
+            Ok(()) => {}
+            // In a fork()ed child the queue is the parent's: leave it (and what it holds) alone.
+            Err(Error::ForeignProcess { .. }) => {}
+            Err(e) => log::error!(
+                "iommufd: failed to destroy HW queue {} on drop, leaking its memory: {e}",
+                id.unwrap_or_default()
+            ),
+        }
+    }
+}
+
 /// A hardware-accelerated queue of a vIOMMU (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17), such as a Tegra241
 /// CMDQV virtual command queue that the hardware reads directly from guest memory.
 ///
 /// The queue memory is given as an address range in the **nest parent's IOAS** (a guest physical
-/// address when the nest parent maps guest RAM), not as a user pointer. The kernel requires that
-/// range to be mapped in the IOAS and backed by physically contiguous pages (`EFAULT` otherwise; a
-/// single page always is), and pins it for the queue's lifetime: until the queue is destroyed,
-/// unmapping the range fails with `EBUSY` (a [`Mapping`](crate::Mapping) guard dropped meanwhile
-/// logs the failure and leaks its memory rather than freeing it). Destroy the queue before
-/// unmapping its memory.
+/// address when the nest parent maps guest RAM), inside a [`Mapping`] of that IOAS. The kernel
+/// requires the range to be backed by physically contiguous pages (`EFAULT` otherwise; a single
+/// page always is) and pins it for the queue's lifetime: until the queue is destroyed, unmapping the
+/// range fails with `EBUSY`. So the queue holds a clone of the mapping's `Arc`: while a queue
+/// exists the mapping cannot be unmapped ([`Arc::into_inner`] gives the guard back only once every
+/// queue on it is gone), [`Ioas::unmap_range`](crate::Ioas::unmap_range) and
+/// [`Ioas::unmap_all`](crate::Ioas::unmap_all) leave it alone, and dropping the caller's `Arc`
+/// leaves the unmap to the last queue, after the kernel destroyed it.
 ///
 /// The handle keeps its vIOMMU alive. Drivers make a queue depend on the queue of the same type and
 /// the index below it (the kernel refuses to destroy that one first): the handle of a queue with
@@ -863,7 +919,7 @@ impl std::fmt::Debug for HwQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HwQueue")
             .field("id", &self.id())
-            .field("viommu", &self.inner.viommu.obj.id())
+            .field("viommu", &self.inner.viommu_id)
             .field("kind", &self.inner.kind)
             .field("index", &self.inner.index)
             .field("iova", &self.inner.iova)
@@ -874,20 +930,52 @@ impl std::fmt::Debug for HwQueue {
 
 impl HwQueue {
     /// Allocates queue `index` of `kind` on `viommu`, reading the `length` bytes at `iova` of the
-    /// nest parent's IOAS (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17).
+    /// nest parent's IOAS (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17). The range must lie inside `memory`,
+    /// a mapping of that IOAS; the queue keeps a clone of `memory` until the kernel destroyed it.
     ///
-    /// A zero length or a range that overflows is rejected before the ioctl. The kernel answers
-    /// `EOPNOTSUPP` for a type the vIOMMU lacks (and for [`HwQueueType::Default`]), and the driver
-    /// decides which indexes are valid (`EEXIST` for a taken one; drivers that chain queues refuse
-    /// index `n` before `n - 1` exists).
-    pub fn alloc(viommu: &Viommu, kind: HwQueueType, index: u32, iova: u64, length: u64) -> Result<HwQueue> {
+    /// Rejected before the ioctl: a zero length, a range that overflows or is not inside `memory`,
+    /// and a mapping of another IOAS. The kernel answers `EOPNOTSUPP` for a type the vIOMMU lacks
+    /// (and for [`HwQueueType::Default`]), and the driver decides which indexes are valid (`EEXIST`
+    /// for a taken one; drivers that chain queues refuse index `n` before `n - 1` exists).
+    pub fn alloc<M>(
+        viommu: &Viommu,
+        kind: HwQueueType,
+        index: u32,
+        memory: &Arc<Mapping<M>>,
+        iova: u64,
+        length: u64,
+    ) -> Result<HwQueue>
+    where
+        M: Memory + 'static,
+        Mapping<M>: Send + Sync,
+    {
         if length == 0 {
             return Err(Error::invalid(HW_QUEUE_ALLOC, "the queue length is zero"));
         }
-        if iova.checked_add(length - 1).is_none() {
+        let Some(end) = iova.checked_add(length) else {
             return Err(Error::invalid(
                 HW_QUEUE_ALLOC,
                 format!("range {iova:#x}+{length:#x} overflows the address space"),
+            ));
+        };
+        let (map_start, map_len) = (memory.iova(), memory.len());
+        if iova < map_start || map_start.checked_add(map_len).is_none_or(|map_end| end > map_end) {
+            return Err(Error::invalid(
+                HW_QUEUE_ALLOC,
+                format!(
+                    "range {iova:#x}+{length:#x} is not inside the mapping {map_start:#x}+{map_len:#x} \
+                     given as its memory"
+                ),
+            ));
+        }
+        let ioas_id = viommu.nest_parent().parent_id();
+        if memory.ioas_id() != ioas_id {
+            return Err(Error::invalid(
+                HW_QUEUE_ALLOC,
+                format!(
+                    "the mapping is in IOAS {}, the vIOMMU's nest parent in IOAS {ioas_id}",
+                    memory.ioas_id()
+                ),
             ));
         }
         let iommufd = viommu.iommufd();
@@ -905,10 +993,13 @@ impl HwQueue {
         // user pointers (`nesting_parent_iova` is an IOVA the kernel resolves through the IOAS and pins
         // itself), and the kernel writes the new id back through the exclusive borrow.
         unsafe { ioctl::call(iommufd.as_fd(), &ioctl::HW_QUEUE_ALLOC, &mut arg) }?;
+        let held: HeldMapping = memory.clone();
         let inner = Arc::new(HwQueueInner {
-            obj: Object::new(iommufd, arg.out_hw_queue_id, "HW queue"),
-            _prev: prev,
-            viommu: viommu.inner.clone(),
+            obj: Some(Object::new(iommufd, arg.out_hw_queue_id, "HW queue")),
+            prev,
+            viommu: Some(viommu.inner.clone()),
+            memory: Some(held),
+            viommu_id: viommu.id(),
             kind,
             index,
             iova,
@@ -921,7 +1012,7 @@ impl HwQueue {
 
     /// The kernel's id for the queue.
     pub fn id(&self) -> u32 {
-        self.inner.obj.id()
+        self.inner.obj.as_ref().map(Object::id).unwrap_or_default()
     }
 
     /// The type it was allocated with.
@@ -941,22 +1032,15 @@ impl HwQueue {
 
     /// The id of its vIOMMU.
     pub fn viommu_id(&self) -> u32 {
-        self.inner.viommu.obj.id()
+        self.inner.viommu_id
     }
 
     /// Destroys the queue now, reporting failure; refused with [`Error::InUse`] while the queue of
-    /// the next index still holds it. The vIOMMU (and the queue below) are released only after the
-    /// kernel destroyed it.
+    /// the next index still holds it. The vIOMMU, the queue below and the mapping of the queue
+    /// memory are released only after the kernel destroyed it (never, if it failed).
     pub fn destroy(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
-            Ok(HwQueueInner { obj, _prev, viommu, .. }) => {
-                let r = obj.destroy();
-                if r.is_err() {
-                    std::mem::forget(_prev);
-                    std::mem::forget(viommu);
-                }
-                r
-            }
+            Ok(mut inner) => inner.destroy(),
             Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
         }
     }
@@ -1115,6 +1199,7 @@ mod tests {
             tracker: SeqTracker::default(),
             lost: 0,
             pending: None,
+            sized: false,
         };
         (q, kernel)
     }
@@ -1171,15 +1256,17 @@ mod tests {
     #[test]
     fn events_read_before_a_failing_read_are_returned_and_the_error_held_back() {
         let (mut q, kernel) = scripted_veventq(SELFTEST);
-        // A full buffer (64 events of 12 bytes), then a torn event.
-        let full: Vec<u8> = (0..64).flat_map(|i| event(i, 7)).collect();
+        // The first read takes one event (checking its size), the next a full buffer (64 events of
+        // 12 bytes); then a torn event.
+        kernel.send(&event(0, 7)).unwrap();
+        let full: Vec<u8> = (1..65).flat_map(|i| event(i, 7)).collect();
         kernel.send(&full).unwrap();
-        kernel.send(&event(64, 7)[..5]).unwrap();
+        kernel.send(&event(65, 7)[..5]).unwrap();
         let got = q.read().unwrap();
-        assert_eq!(got.len(), 64, "the 64 events are returned, not dropped");
+        assert_eq!(got.len(), 65, "the 65 events are returned, not dropped");
         assert_eq!(
-            got[63],
-            VeventRecord::Event(Vevent { sequence: 63, data: VeventData::Raw(7u32.to_ne_bytes().to_vec()) })
+            got[64],
+            VeventRecord::Event(Vevent { sequence: 64, data: VeventData::Raw(7u32.to_ne_bytes().to_vec()) })
         );
         // The error comes next, once.
         assert!(matches!(q.read_timeout(Some(Duration::MAX)), Err(Error::Protocol { .. })));
