@@ -460,10 +460,15 @@ impl FaultQueue {
     /// clone of the queue. A failed batch itself hands out nothing: the kernel keeps its groups
     /// queued.
     pub fn read(&self) -> Result<Vec<PageFault>> {
+        self.read_from(&mut self.inner.fd.as_fd())
+    }
+
+    /// [`read`](Self::read) on `fd`.
+    fn read_from(&self, fd: &mut dyn FaultFd) -> Result<Vec<PageFault>> {
         if let Some(e) = self.take_pending() {
             return Err(e);
         }
-        let (faults, error) = read_all(&mut self.inner.fd.as_fd());
+        let (faults, error) = read_all(fd);
         match error {
             None => Ok(faults),
             Some(e) if faults.is_empty() => Err(e),
@@ -845,56 +850,57 @@ pub(crate) mod tests {
         assert_eq!(q.reads, 1);
     }
 
-    /// A fault queue on the host whose fd is one end of a datagram socket pair: each `read(2)`
-    /// returns one datagram sent from the other end, so tests script what "the kernel" answers.
-    pub(crate) fn scripted_fd() -> (OwnedFd, std::os::unix::net::UnixDatagram) {
-        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        (ours.into(), theirs)
-    }
-
-    fn scripted_queue() -> (FaultQueue, std::os::unix::net::UnixDatagram) {
-        let (fd, kernel) = scripted_fd();
+    /// A fault queue handle on the host: a fake iommufd, and an eventfd as its fd (readable while
+    /// its counter is not 0). Reads go through [`FaultQueue::read_from`] and a model.
+    fn host_queue(readable: bool) -> FaultQueue {
         let (iommufd, _ioas) = crate::tests::fake();
         let obj = Object::new(&iommufd, 99, "fault queue");
-        (FaultQueue { inner: Arc::new(FaultInner { fd, obj, pending: Mutex::new(None) }) }, kernel)
+        let fd = rustix::event::eventfd(u32::from(readable), rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        FaultQueue { inner: Arc::new(FaultInner { fd, obj, pending: Mutex::new(None) }) }
     }
 
     #[test]
     fn read_returns_the_faults_read_and_holds_a_later_error_back() {
-        let (queue, kernel) = scripted_queue();
-        let faults: Vec<PageFault> = (0..64)
-            .map(|i| PageFault { cookie: i, flags: PageFaultFlags::LAST_PAGE, ..Default::default() })
-            .collect();
-        let records: Vec<u8> = faults.iter().flat_map(|f| f.to_record()).collect();
-        // A full first batch, then a torn record.
-        kernel.send(&records).unwrap();
-        kernel.send(&records[..41]).unwrap();
-        assert_eq!(queue.read().unwrap(), faults, "the 64 faults are handed back, not dropped");
+        let queue = host_queue(false);
+        let mut kernel = ModelQueue::new(&[1; 100], false);
+        let want = kernel.all();
+        kernel.fail_at = Some((64, Errno::NOMEM));
+        assert_eq!(
+            queue.read_from(&mut kernel).unwrap(),
+            want[..64],
+            "the 64 faults are handed back, not dropped"
+        );
         // The error comes with the next call, through any clone, and only once.
-        assert!(matches!(queue.clone().read_timeout(None), Err(Error::Protocol { .. })));
-        assert_eq!(queue.read().unwrap_err().errno(), Some(Errno::AGAIN), "the socket is empty now");
-        // Nothing read before the error: the error itself.
-        kernel.send(&records[..39]).unwrap();
-        assert!(matches!(queue.read(), Err(Error::Protocol { .. })));
+        let e = queue.clone().read_faults(&mut [PageFault::default(); 4]).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOMEM));
+        assert_eq!(queue.read_from(&mut kernel).unwrap(), want[64..]);
+        // A failure before anything was read is the call's error.
+        let mut kernel = ModelQueue::new(&[1], false);
+        kernel.fail_at = Some((0, Errno::NOMEM));
+        assert_eq!(queue.read_from(&mut kernel).unwrap_err().errno(), Some(Errno::NOMEM));
         assert!(queue.take_pending().is_none());
+        // `read_timeout` returns a held-back error at once, before waiting (the fd is not readable).
+        let mut kernel = ModelQueue::new(&[1; 70], false);
+        kernel.fail_at = Some((64, Errno::FAULT));
+        assert_eq!(queue.read_from(&mut kernel).unwrap().len(), 64);
+        assert_eq!(queue.read_timeout(None).unwrap_err().errno(), Some(Errno::FAULT));
     }
 
     #[test]
     fn waits_without_limit_do_not_overflow_the_clock() {
-        let fd = rustix::event::eventfd(1, rustix::event::EventfdFlags::CLOEXEC).unwrap();
         assert!(deadline(Some(Duration::MAX)).is_none(), "no representable end: no deadline");
         assert!(deadline(Some(Duration::from_secs(1))).is_some());
+        let fd = rustix::event::eventfd(1, rustix::event::EventfdFlags::CLOEXEC).unwrap();
         for t in
             [Duration::MAX, Duration::from_secs(u64::MAX / 2), Duration::new(i64::MAX as u64, 999_999_999)]
         {
             assert!(poll_readable(fd.as_fd(), Some(t), "poll").unwrap());
         }
-        let (queue, kernel) = scripted_queue();
-        let f = PageFault { cookie: 7, flags: PageFaultFlags::LAST_PAGE, ..Default::default() };
-        kernel.send(&f.to_record()).unwrap();
+        // These used to panic adding the timeout to `Instant::now()`.
+        let queue = host_queue(true);
         assert!(queue.wait(Some(Duration::MAX)).unwrap());
-        assert_eq!(queue.read_timeout(Some(Duration::MAX)).unwrap(), [f]);
+        // The eventfd answers a read with its 8-byte counter: not a fault record.
+        assert!(matches!(queue.read_timeout(Some(Duration::MAX)), Err(Error::Protocol { .. })));
     }
 
     mod prop {

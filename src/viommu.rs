@@ -521,8 +521,51 @@ pub struct Veventq {
     fd: OwnedFd,
     obj: Object,
     viommu: Arc<ViommuInner>,
-    kind: VeventqType,
     depth: u32,
+    reader: EventReader,
+}
+
+impl std::fmt::Debug for Veventq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Veventq")
+            .field("id", &self.id())
+            .field("fd", &self.fd.as_raw_fd())
+            .field("viommu", &self.viommu.obj.id())
+            .field("kind", &self.reader.kind)
+            .field("depth", &self.depth)
+            .field("lost", &self.reader.lost)
+            .finish()
+    }
+}
+
+/// A vEVENTQ's fd as [`EventReader`] sees it (a trait so the read logic can be tested against a
+/// model of the kernel).
+pub(crate) trait VeventFd {
+    /// One `read(2)` of at most `len` bytes (`ENOMEM` if no buffer of that size can be had).
+    fn read(&mut self, len: usize) -> rustix::io::Result<Vec<u8>>;
+    /// Whether an event is pending now (`POLLIN`), without waiting.
+    fn readable(&mut self) -> Result<bool>;
+}
+
+impl VeventFd for BorrowedFd<'_> {
+    fn read(&mut self, len: usize) -> rustix::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        // An exact reservation on an empty vector: its capacity is `len`, and reading into the
+        // spare capacity leaves a large buffer untouched beyond what the kernel writes.
+        buf.try_reserve_exact(len).map_err(|_| Errno::NOMEM)?;
+        rustix::io::read(*self, rustix::buffer::spare_capacity(&mut buf))?;
+        Ok(buf)
+    }
+
+    fn readable(&mut self) -> Result<bool> {
+        poll_readable(*self, Some(Duration::ZERO), "poll(vEVENTQ)")
+    }
+}
+
+/// The read side of a vEVENTQ: its type, lost-event accounting and what a read held back.
+#[derive(Debug)]
+struct EventReader {
+    kind: VeventqType,
     tracker: SeqTracker,
     lost: u64,
     /// An error [`Veventq::read`] held back because it returned the records read before it.
@@ -532,29 +575,106 @@ pub struct Veventq {
     sized: bool,
 }
 
-impl std::fmt::Debug for Veventq {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Veventq")
-            .field("id", &self.id())
-            .field("fd", &self.fd.as_raw_fd())
-            .field("viommu", &self.viommu.obj.id())
-            .field("kind", &self.kind)
-            .field("depth", &self.depth)
-            .field("lost", &self.lost)
-            .finish()
-    }
-}
-
-impl Veventq {
+impl EventReader {
     /// How many events one `read(2)` asks for, at most.
     const BATCH: usize = 64;
     /// The read buffer's size: [`BATCH`](Self::BATCH) events, fewer if they are large (but always
     /// room for one).
     const READ_BYTES: usize = 64 << 10;
-    /// [`read`](Self::read) returns after this many `read(2)`s that filled the buffer, so that a
-    /// vIOMMU that keeps reporting cannot keep one call reading forever.
+    /// A read returns after this many `read(2)`s that filled the buffer, so that a vIOMMU that keeps
+    /// reporting cannot keep one call reading forever.
     const MAX_READS: usize = 64;
 
+    fn new(kind: VeventqType) -> EventReader {
+        EventReader { kind, tracker: SeqTracker::default(), lost: 0, pending: None, sized: false }
+    }
+
+    /// [`Veventq::read`] on `fd`.
+    fn read(&mut self, fd: &mut dyn VeventFd) -> Result<Vec<VeventRecord>> {
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
+        let mut out = Vec::new();
+        match self.read_into(fd, &mut out) {
+            Ok(()) => Ok(out),
+            Err(e) if out.is_empty() => Err(e),
+            Err(e) => {
+                self.pending = Some(e);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Reads pending events into `out` until none is left (or [`MAX_READS`](Self::MAX_READS) full
+    /// buffers were read); on error, `out` keeps what was read before it.
+    fn read_into(&mut self, fd: &mut dyn VeventFd, out: &mut Vec<VeventRecord>) -> Result<()> {
+        const OP: &str = "read(vEVENTQ)";
+        let data_len = self.kind.data_len();
+        // `alloc` bounds `data_len`, so neither sum overflows.
+        let record = VEVENT_HEADER.saturating_add(data_len);
+        let batch_len = record.saturating_mul((Self::READ_BYTES / record).clamp(1, Self::BATCH));
+        let kind = self.kind;
+        let too_small = || Error::Protocol {
+            op: OP,
+            detail: format!(
+                "the next event is larger than {record} bytes (an event header and {data_len} bytes of \
+                 payload): the queue's type, {kind:?}, does not match its events"
+            ),
+        };
+        // Whether the last read(2) returned nothing while the fd was readable.
+        let mut empty_but_readable = false;
+        for _ in 0..Self::MAX_READS {
+            // Until an event of the expected size has been read, read one record at a time: the
+            // kernel refuses an event larger than the buffer rather than handing it out, so a type
+            // whose events are larger than `data_len` is caught before anything is misparsed.
+            let len = if self.sized { batch_len } else { record };
+            let got = match fd.read(len) {
+                Ok(got) => got,
+                // Current kernels: the first pending event does not fit the buffer.
+                Err(Errno::INVAL) => return Err(too_small()),
+                Err(e) => return Err(Error::os(OP, e)),
+            };
+            if got.is_empty() {
+                // Either the queue is empty, or its first event does not fit: kernels before a
+                // 2026 fix answer 0 rather than EINVAL then, and the fd stays readable. A readable
+                // fd is read once more (an event that merely arrived in between is read then);
+                // nothing again means the event does not fit.
+                if !fd.readable()? {
+                    return Ok(());
+                }
+                if empty_but_readable {
+                    return Err(too_small());
+                }
+                empty_but_readable = true;
+                continue;
+            }
+            empty_but_readable = false;
+            let n = got.len();
+            if n > len {
+                return Err(Error::Protocol {
+                    op: OP,
+                    detail: format!("the kernel reported {n} bytes read into a {len}-byte buffer"),
+                });
+            }
+            let before = out.len();
+            let lost = parse_vevents(kind, &got, &mut self.tracker, out)?;
+            self.lost = self.lost.saturating_add(lost);
+            // A whole event read into a one-record buffer: the events have the expected size.
+            self.sized |=
+                out.get(before..).is_some_and(|new| new.iter().any(|r| matches!(r, VeventRecord::Event(_))));
+            // The kernel stops early only when the queue is empty or the next event does not fit
+            // (a lost-events header is shorter than a record, so room for a whole record means
+            // nothing more was pending, or an event too large for its type is next: the next call
+            // reports that).
+            if len - n >= record {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Veventq {
     /// Allocates an event queue of `kind` holding at most `depth` events on `viommu`
     /// (`IOMMU_VEVENTQ_ALLOC`, Linux 6.15).
     ///
@@ -590,12 +710,8 @@ impl Veventq {
             fd,
             obj: Object::new(iommufd, arg.out_veventq_id, "vEVENTQ"),
             viommu: viommu.inner.clone(),
-            kind,
             depth,
-            tracker: SeqTracker::default(),
-            lost: 0,
-            pending: None,
-            sized: false,
+            reader: EventReader::new(kind),
         })
     }
 
@@ -606,7 +722,7 @@ impl Veventq {
 
     /// The type it was allocated with.
     pub fn kind(&self) -> VeventqType {
-        self.kind
+        self.reader.kind
     }
 
     /// The most events the kernel holds before dropping new ones.
@@ -621,7 +737,7 @@ impl Veventq {
 
     /// How many events the kernel dropped so far, as seen by the reads of this handle.
     pub fn lost_events(&self) -> u64 {
-        self.lost
+        self.reader.lost
     }
 
     /// Reads every pending event without blocking (an empty vector: none pending). Dropped events
@@ -634,88 +750,12 @@ impl Veventq {
     /// read does too: the event stays at the head of the queue); the first read of a queue takes
     /// one event only, to check its size before reading in batches. A `data_len` that is too large
     /// fails with [`Error::Protocol`] too, or (rarely, when several events happen to add up to one
-    /// record) misparses. Events are never
-    /// dropped: if a later `read(2)` of the same call fails after some events were read, those are
-    /// returned and the error is held back for the next `read` or `read_timeout`.
+    /// record) misparses.
+    ///
+    /// Events are never dropped: if a later `read(2)` of the same call fails after some events were
+    /// read, those are returned and the error is held back for the next `read` or `read_timeout`.
     pub fn read(&mut self) -> Result<Vec<VeventRecord>> {
-        if let Some(e) = self.pending.take() {
-            return Err(e);
-        }
-        let mut out = Vec::new();
-        match self.read_into(&mut out) {
-            Ok(()) => Ok(out),
-            Err(e) if out.is_empty() => Err(e),
-            Err(e) => {
-                self.pending = Some(e);
-                Ok(out)
-            }
-        }
-    }
-
-    /// Reads pending events into `out` until none is left (or [`MAX_READS`](Self::MAX_READS) full
-    /// buffers were read); on error, `out` keeps what was read before it.
-    fn read_into(&mut self, out: &mut Vec<VeventRecord>) -> Result<()> {
-        const OP: &str = "read(vEVENTQ)";
-        let data_len = self.kind.data_len();
-        // `alloc` bounds `data_len`, so neither sum overflows.
-        let record = VEVENT_HEADER.saturating_add(data_len);
-        let batch_len = record.saturating_mul((Self::READ_BYTES / record).clamp(1, Self::BATCH));
-        let mut buf: Vec<u8> = Vec::new();
-        buf.try_reserve_exact(batch_len).map_err(|_| Error::os(OP, Errno::NOMEM))?;
-        let too_small = || Error::Protocol {
-            op: OP,
-            detail: format!(
-                "the next event is larger than {record} bytes (an event header and {data_len} bytes of \
-                 payload): the queue's type, {:?}, does not match its events",
-                self.kind
-            ),
-        };
-        // Whether the last read(2) returned nothing while the fd was readable.
-        let mut empty_but_readable = false;
-        for _ in 0..Self::MAX_READS {
-            // Until an event of the expected size has been read, read one record at a time: the
-            // kernel refuses an event larger than the buffer rather than handing it out, so a type
-            // whose events are larger than `data_len` is caught before anything is misparsed.
-            let len = if self.sized { batch_len } else { record };
-            // Read into uninitialised spare capacity: a large buffer is not touched beyond what the
-            // kernel writes.
-            let window = buf.spare_capacity_mut().get_mut(..len).unwrap_or_default();
-            let got = match rustix::io::read(self.fd.as_fd(), window) {
-                Ok((got, _)) => got,
-                // Current kernels: the first pending event does not fit the buffer.
-                Err(Errno::INVAL) => return Err(too_small()),
-                Err(e) => return Err(Error::os(OP, e)),
-            };
-            if got.is_empty() {
-                // Either the queue is empty, or its first event does not fit: kernels before a
-                // 2026 fix answer 0 rather than EINVAL then, and the fd stays readable. A readable
-                // fd is read once more (an event that merely arrived in between is read then);
-                // nothing again means the event does not fit.
-                if !poll_readable(self.fd.as_fd(), Some(Duration::ZERO), "poll(vEVENTQ)")? {
-                    return Ok(());
-                }
-                if empty_but_readable {
-                    return Err(too_small());
-                }
-                empty_but_readable = true;
-                continue;
-            }
-            empty_but_readable = false;
-            let n = got.len();
-            let before = out.len();
-            let lost = parse_vevents(self.kind, got, &mut self.tracker, out)?;
-            self.lost = self.lost.saturating_add(lost);
-            // A whole event read into a one-record buffer: the events have the expected size.
-            self.sized |= out[before..].iter().any(|r| matches!(r, VeventRecord::Event(_)));
-            // The kernel stops early only when the queue is empty or the next event does not fit
-            // (a lost-events header is shorter than a record, so room for a whole record means
-            // nothing more was pending, or an event too large for its type is next: the next call
-            // reports that).
-            if len.saturating_sub(n) >= record {
-                return Ok(());
-            }
-        }
-        Ok(())
+        self.reader.read(&mut self.fd.as_fd())
     }
 
     /// Waits until an event is pending or `timeout` passes (`None`, or a timeout too long for the
@@ -727,7 +767,7 @@ impl Veventq {
     /// Waits as [`wait`](Self::wait) does, then reads every pending event (empty on timeout). An
     /// error held back by an earlier read is returned at once.
     pub fn read_timeout(&mut self, timeout: Option<Duration>) -> Result<Vec<VeventRecord>> {
-        if let Some(e) = self.pending.take() {
+        if let Some(e) = self.reader.pending.take() {
             return Err(e);
         }
         let deadline = deadline(timeout);
@@ -797,8 +837,12 @@ impl AsyncVeventq {
         Ok(AsyncVeventq { inner })
     }
 
-    /// Waits for events and reads every pending one (never empty).
+    /// Waits for events and reads every pending one (never empty), as [`Veventq::read`] does. An
+    /// error held back by an earlier read is returned at once.
     pub async fn read(&mut self) -> Result<Vec<VeventRecord>> {
+        if let Some(e) = self.inner.get_mut().reader.pending.take() {
+            return Err(e);
+        }
         loop {
             let mut guard = self
                 .inner
@@ -1185,93 +1229,142 @@ mod tests {
         }
     }
 
-    /// A vEVENTQ whose fd is one end of a datagram socket pair: each `read(2)` returns one datagram
-    /// sent from the other end, so a test scripts what "the kernel" answers.
-    fn scripted_veventq(kind: VeventqType) -> (Veventq, std::os::unix::net::UnixDatagram) {
-        let (fd, kernel) = crate::fault::tests::scripted_fd();
+    /// A vEVENTQ handle on the host: a fake vIOMMU, and a non-blocking eventfd as its fd (readable
+    /// while its counter is not 0).
+    fn host_veventq(kind: VeventqType, readable: bool) -> Veventq {
         let viommu = fake_viommu();
-        let q = Veventq {
-            fd,
+        let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+        Veventq {
+            fd: rustix::event::eventfd(u32::from(readable), flags).unwrap(),
             obj: Object::new(viommu.iommufd(), 10, "vEVENTQ"),
             viommu: viommu.inner.clone(),
-            kind,
             depth: 8,
-            tracker: SeqTracker::default(),
-            lost: 0,
-            pending: None,
-            sized: false,
-        };
-        (q, kernel)
+            reader: EventReader::new(kind),
+        }
+    }
+
+    /// A model of the kernel's vEVENTQ read (`iommufd_veventq_fops_read`): whole events in order, a
+    /// lost-events header wherever 8 bytes are left, the first event that does not fit answered with
+    /// `EINVAL` (`old_kernel`: 0, the fd staying readable), and a scripted failure of one read.
+    struct ModelEventq {
+        items: std::collections::VecDeque<Vec<u8>>,
+        old_kernel: bool,
+        /// Fail the read with this number (counting from 1).
+        fail_at: Option<(usize, Errno)>,
+        /// Answer the first read with nothing, as if the events arrived just after it.
+        arrive_late: bool,
+        reads: usize,
+    }
+
+    impl ModelEventq {
+        fn new(items: Vec<Vec<u8>>, old_kernel: bool) -> ModelEventq {
+            ModelEventq { items: items.into(), old_kernel, fail_at: None, arrive_late: false, reads: 0 }
+        }
+    }
+
+    impl VeventFd for ModelEventq {
+        fn read(&mut self, len: usize) -> rustix::io::Result<Vec<u8>> {
+            self.reads += 1;
+            if let Some((at, errno)) = self.fail_at {
+                if at == self.reads {
+                    return Err(errno);
+                }
+            }
+            if std::mem::take(&mut self.arrive_late) {
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::new();
+            while let Some(item) = self.items.front() {
+                let lost_header = item.len() == VEVENT_HEADER && item[0] & 1 != 0;
+                let room = len - out.len();
+                if room < VEVENT_HEADER || (!lost_header && item.len() > room) {
+                    if out.is_empty() && !self.old_kernel {
+                        return Err(Errno::INVAL);
+                    }
+                    break;
+                }
+                out.extend_from_slice(item);
+                self.items.pop_front();
+            }
+            Ok(out)
+        }
+
+        fn readable(&mut self) -> Result<bool> {
+            Ok(!self.items.is_empty())
+        }
     }
 
     #[test]
     fn an_event_larger_than_its_type_is_an_error_not_an_endless_empty_read() {
-        // Kernels before the EINVAL fix answer a read whose buffer the first event does not fit with
-        // 0 and leave the fd readable: three such answers in a row here.
+        // The mock's 12-byte events read as a type without payload (8-byte records).
         let too_small = VeventqType::Raw { kind: 0xbeef_beef, data_len: 0 };
-        let refusing = || {
-            let (q, kernel) = scripted_veventq(too_small);
-            for _ in 0..3 {
-                kernel.send(&[]).unwrap();
+        for old_kernel in [false, true] {
+            let mut kernel = ModelEventq::new(vec![event(0, 7), event(1, 7)], old_kernel);
+            let mut reader = EventReader::new(too_small);
+            for _ in 0..2 {
+                let e = reader.read(&mut kernel).unwrap_err();
+                assert!(e.to_string().contains("larger than 8 bytes"), "{e}");
             }
-            (q, kernel)
-        };
-        let (mut q, _kernel) = refusing();
-        assert!(matches!(q.read(), Err(Error::Protocol { .. })));
-        // `read_timeout(None)` used to spin here forever.
-        let (mut q, _kernel) = refusing();
-        let e = q.read_timeout(None).unwrap_err();
-        assert!(e.to_string().contains("larger than 8 bytes"), "{e}");
-        // An empty queue (0, and the fd not readable) is an empty read, not an error.
-        let (mut q, kernel) = scripted_veventq(too_small);
-        kernel.send(&[]).unwrap();
-        assert_eq!(q.read().unwrap(), []);
-        // A lone 0 with the fd readable again is an event that arrived meanwhile: it is read.
-        kernel.send(&[]).unwrap();
-        kernel.send(&header(0, 0)).unwrap();
-        assert_eq!(
-            q.read().unwrap(),
-            [VeventRecord::Event(Vevent { sequence: 0, data: VeventData::Raw(vec![]) })]
-        );
+            assert_eq!(kernel.items.len(), 2, "nothing was handed out, nothing misparsed");
+            // An old kernel's 0 is read twice (the second read tells it from a late arrival).
+            assert_eq!(kernel.reads, if old_kernel { 4 } else { 2 });
+        }
+        // An empty queue is an empty read, not an error.
+        let mut reader = EventReader::new(SELFTEST);
+        assert_eq!(reader.read(&mut ModelEventq::new(vec![], true)).unwrap(), []);
+        // A first 0 with events pending is an arrival after the read: they are read.
+        let mut kernel = ModelEventq::new(vec![event(0, 7), event(1, 7)], true);
+        kernel.arrive_late = true;
+        assert_eq!(reader.read(&mut kernel).unwrap().len(), 2);
     }
 
-    #[cfg(feature = "tokio")]
     #[test]
-    fn async_read_of_an_event_larger_than_its_type_completes_with_an_error() {
-        let (q, kernel) = scripted_veventq(SELFTEST);
-        for _ in 0..3 {
-            kernel.send(&[]).unwrap();
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
-            let r = rt.block_on(async move { AsyncVeventq::new(q).unwrap().read().await });
-            let _ = tx.send(r.map(|v| v.len()));
-            drop(kernel);
-        });
-        let r = rx.recv_timeout(Duration::from_secs(10)).expect("AsyncVeventq::read completes");
-        assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+    fn the_first_read_checks_the_event_size_then_reads_in_batches() {
+        let mut kernel = ModelEventq::new((0..200).map(|i| event(i, 7)).collect(), false);
+        let mut reader = EventReader::new(SELFTEST);
+        assert_eq!(reader.read(&mut kernel).unwrap().len(), 200);
+        // One event, then batches of 64: 1 + 64 + 64 + 64 + 7.
+        assert_eq!(kernel.reads, 5);
+        assert!(reader.sized);
+        // A payload size larger than the events': the short event is a protocol error.
+        let too_large = VeventqType::Raw { kind: 0xbeef_beef, data_len: 8 };
+        let mut kernel = ModelEventq::new(vec![event(0, 7)], false);
+        assert!(matches!(EventReader::new(too_large).read(&mut kernel), Err(Error::Protocol { .. })));
     }
 
     #[test]
     fn events_read_before_a_failing_read_are_returned_and_the_error_held_back() {
-        let (mut q, kernel) = scripted_veventq(SELFTEST);
-        // The first read takes one event (checking its size), the next a full buffer (64 events of
-        // 12 bytes); then a torn event.
-        kernel.send(&event(0, 7)).unwrap();
-        let full: Vec<u8> = (1..65).flat_map(|i| event(i, 7)).collect();
-        kernel.send(&full).unwrap();
-        kernel.send(&event(65, 7)[..5]).unwrap();
-        let got = q.read().unwrap();
-        assert_eq!(got.len(), 65, "the 65 events are returned, not dropped");
-        assert_eq!(
-            got[64],
-            VeventRecord::Event(Vevent { sequence: 64, data: VeventData::Raw(7u32.to_ne_bytes().to_vec()) })
-        );
-        // The error comes next, once.
-        assert!(matches!(q.read_timeout(Some(Duration::MAX)), Err(Error::Protocol { .. })));
-        kernel.send(&[]).unwrap();
-        assert_eq!(q.read().unwrap(), []);
+        for old_kernel in [false, true] {
+            let mut kernel = ModelEventq::new((0..70).map(|i| event(i, 7)).collect(), old_kernel);
+            // Read 1 takes one event, read 2 a batch of 64, read 3 fails.
+            kernel.fail_at = Some((3, Errno::NOMEM));
+            let mut reader = EventReader::new(SELFTEST);
+            let got = reader.read(&mut kernel).unwrap();
+            assert_eq!(got.len(), 65, "the 65 events are returned, not dropped");
+            assert_eq!(
+                got[64],
+                VeventRecord::Event(Vevent {
+                    sequence: 64,
+                    data: VeventData::Raw(7u32.to_ne_bytes().to_vec())
+                })
+            );
+            // The error comes next, once; then the rest, without a gap.
+            assert_eq!(reader.read(&mut kernel).unwrap_err().errno(), Some(Errno::NOMEM));
+            let rest = reader.read(&mut kernel).unwrap();
+            assert_eq!(rest.len(), 5);
+            assert_eq!(reader.lost, 0);
+        }
+        // A torn read after good ones: the good ones are returned, the protocol error next.
+        let mut torn = event(1, 7);
+        torn.truncate(10);
+        let mut kernel = ModelEventq::new(vec![event(0, 7), torn], false);
+        let mut reader = EventReader::new(SELFTEST);
+        assert_eq!(reader.read(&mut kernel).unwrap().len(), 1);
+        assert!(matches!(reader.read(&mut kernel), Err(Error::Protocol { .. })));
+        // `read_timeout` returns a held-back error at once, before waiting.
+        let mut q = host_veventq(SELFTEST, false);
+        q.reader.pending = Some(Error::os("read(vEVENTQ)", Errno::NOMEM));
+        assert_eq!(q.read_timeout(None).unwrap_err().errno(), Some(Errno::NOMEM));
     }
 
     #[test]
@@ -1287,19 +1380,21 @@ mod tests {
             }
         }
         // The largest payload the kernel can produce is accepted, and a read with a buffer for it
-        // neither aborts nor touches the memory it does not need.
-        let (mut q, kernel) =
-            scripted_veventq(VeventqType::Raw { kind: 0xbeef_beef, data_len: MAX_VEVENT_DATA });
-        kernel.send(&[]).unwrap();
-        assert_eq!(q.read().unwrap(), []);
+        // neither aborts nor touches the memory it does not need (the eventfd answers EAGAIN).
+        let mut q = host_veventq(VeventqType::Raw { kind: 0xbeef_beef, data_len: MAX_VEVENT_DATA }, false);
+        assert_eq!(q.read().unwrap_err().errno(), Some(Errno::AGAIN));
     }
 
     #[test]
     fn waits_without_limit_do_not_overflow_the_clock() {
-        let (mut q, kernel) = scripted_veventq(SELFTEST);
-        kernel.send(&event(0, 1)).unwrap();
+        // These used to panic adding the timeout to `Instant::now()`.
+        let mut q = host_veventq(SELFTEST, true);
         assert!(q.wait(Some(Duration::MAX)).unwrap());
-        assert_eq!(q.read_timeout(Some(Duration::MAX)).unwrap().len(), 1);
+        // The eventfd's counter (1) reads as a lost-events header numbered 0.
+        assert_eq!(
+            q.read_timeout(Some(Duration::MAX)).unwrap(),
+            [VeventRecord::Lost(LostEvents { first_sequence: 0, count: 1 })]
+        );
     }
 
     mod prop {
