@@ -254,13 +254,13 @@ fn a_forked_child_leaves_the_parents_device_alone() {
     let mut status = 0;
     // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed: status {status:#x}");
     // The parent's attachment still works: the device writes RAM through the IOMMU.
     map.write_at(0, &[0u8; 256]).unwrap();
     edu.device_to_ram(map.iova(), 256);
     let mut out = vec![0u8; 256];
     map.read_at(0, &mut out).unwrap();
     assert_eq!(out, data, "the device's DMA no longer reaches the mapping");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed: status {status:#x}");
     // The ioeventfd is still registered: a duplicate is refused with EEXIST.
     let dup = dev.ioeventfd(iommufd::PciRegion::Bar(0).index(), 4, 4, 1, &efd).unwrap_err();
     assert_eq!(dup.errno(), Some(Errno::EXIST), "{dup}");
