@@ -402,6 +402,7 @@ impl BoundDevice {
     /// The region must be writable and `offset..offset + data.len()` inside it.
     pub fn write_region(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         const OP: &str = "BoundDevice::write_region";
+        self.check_process(OP)?;
         let (_, info) = region_info_fixed(self.as_fd(), index)?;
         let start = region_file_offset(OP, &info, RegionFlags::WRITE, offset, data.len())?;
         let mut done = 0;
@@ -563,6 +564,7 @@ impl BoundDevice {
     /// tear the index down.
     pub fn set_irq_eventfds(&self, index: u32, start: u32, fds: &[impl AsFd]) -> Result<()> {
         const OP: &str = "BoundDevice::set_irq_eventfds";
+        self.check_process(OP)?;
         if fds.is_empty() {
             return Err(Error::invalid(OP, "no eventfds given (use disable_irqs to disable the index)"));
         }
@@ -626,17 +628,30 @@ impl BoundDevice {
     }
 
     fn set_irqs_none(&self, op: &'static str, flags: u32, index: u32, start: u32, count: u32) -> Result<()> {
+        self.check_process(op)?;
         let mut buf = irq_set_buffer(op, flags, index, start, count, &[])?;
         // SAFETY: `buf` is a bare `vfio_irq_set` header with `argsz` equal to its byte length and
         // DATA_NONE, so the kernel reads no payload; it holds no pointers.
         unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
     }
 
-    /// Resets the device (`VFIO_DEVICE_RESET`; the device must report [`DeviceFlags::RESET`]).
+    /// Resets the device (`VFIO_DEVICE_RESET`; the device must report [`DeviceFlags::RESET`], else
+    /// `EINVAL`).
     ///
-    /// Interrupt configuration and bus mastering are lost: re-enable them afterwards.
+    /// The kernel saves the device's PCI config space before the reset and restores it afterwards
+    /// (`pci_try_reset_function`), so bus mastering, the BARs and the MSI/MSI-X setup survive, and
+    /// VFIO keeps the interrupt eventfds set with [`set_irq_eventfds`](Self::set_irq_eventfds). What is
+    /// lost is the device's internal state (its registers and any DMA in flight). `EAGAIN` if the
+    /// device is locked by another reset at the moment.
     pub fn reset(&self) -> Result<()> {
+        self.check_process(ioctl::DEVICE_RESET.name)?;
         ioctl::call_none(self.as_fd(), &ioctl::DEVICE_RESET).map(drop)
+    }
+
+    /// Refuses `op`, which changes the device's state, in a `fork()`ed child
+    /// ([`Error::ForeignProcess`]): the device is the parent's.
+    pub(crate) fn check_process(&self, op: &'static str) -> Result<()> {
+        self.inner.iommufd.check_process(op)
     }
 }
 
@@ -922,6 +937,10 @@ impl RegionMapping {
 
     /// Validates an access of `width` bytes at `offset` and returns its address.
     fn at(&self, op: &'static str, need: RegionFlags, offset: usize, width: usize) -> Result<*mut u8> {
+        if need.contains(RegionFlags::WRITE) {
+            // A fork()ed child inherits the shared mapping: its stores would drive the parent's device.
+            self._dev.iommufd.check_process(op)?;
+        }
         if !self.access.contains(need) {
             let what = if need.contains(RegionFlags::WRITE) { "writable" } else { "readable" };
             return Err(Error::invalid(op, format!("region {} is not mapped {what}", self.index)));
@@ -1072,6 +1091,7 @@ impl BoundDevice {
         eventfd: impl AsFd,
     ) -> Result<Ioeventfd> {
         const OP: &str = "VFIO_DEVICE_IOEVENTFD";
+        self.check_process(OP)?;
         let size_flag = match width {
             1 => sys::VFIO_DEVICE_IOEVENTFD_8,
             2 => sys::VFIO_DEVICE_IOEVENTFD_16,
@@ -1105,15 +1125,21 @@ impl Ioeventfd {
         ioeventfd_ioctl(self.dev.fd.as_fd(), &mut arg)
     }
 
-    /// De-assigns the ioeventfd now, reporting failure.
+    /// De-assigns the ioeventfd now, reporting failure. In a `fork()`ed child this is refused with
+    /// [`Error::ForeignProcess`] and the ioeventfd stays (it is the parent's).
     pub fn remove(mut self) -> Result<()> {
+        if let Err(e) = self.dev.iommufd.check_process(ioctl::DEVICE_IOEVENTFD.name) {
+            self.live = false;
+            return Err(e);
+        }
         self.deassign()
     }
 }
 
 impl Drop for Ioeventfd {
     fn drop(&mut self) {
-        if self.live {
+        // In a fork()ed child the ioeventfd is the parent's: leave it.
+        if self.live && self.dev.iommufd.in_owner_process() {
             if let Err(e) = self.deassign() {
                 log::error!("iommufd: de-assigning {self:?} on drop failed: {e}");
             }

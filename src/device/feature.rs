@@ -235,6 +235,7 @@ impl BoundDevice {
     /// Only vfio-cdx implements this feature: vfio-pci answers `ENOTTY` (PCI devices control bus
     /// mastering through config space; use [`set_bus_master`](Self::set_bus_master) for them).
     pub fn set_bus_master_feature(&self, enable: bool) -> Result<()> {
+        self.check_process(DeviceFeature::BUS_MASTER.name())?;
         let op =
             if enable { sys::VFIO_DEVICE_FEATURE_SET_MASTER } else { sys::VFIO_DEVICE_FEATURE_CLEAR_MASTER };
         let data = sys::vfio_device_feature_bus_master { op };
@@ -253,6 +254,7 @@ impl BoundDevice {
     /// (`EBUSY`, or a driver error, for a second start).
     pub fn dma_logging_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<DmaLog> {
         let feature = DeviceFeature::DMA_LOGGING_START;
+        self.check_process(feature.name())?;
         let op = feature.name();
         let raw = logging_ranges(op, page_size, ranges)?;
         let num_ranges =
@@ -341,9 +343,11 @@ impl BoundDevice {
     /// [`hot_reset_info`](Self::hot_reset_info). Otherwise `EINVAL`; `ENODEV` if the device cannot be
     /// hot reset at all.
     ///
-    /// Like [`reset`](Self::reset), this loses interrupt configuration and bus mastering, on every
-    /// affected device.
+    /// Like [`reset`](Self::reset), the kernel saves every affected device's PCI config space first and
+    /// restores it afterwards (`pci_reset_bus`), so bus mastering, BARs, MSI/MSI-X setup and VFIO's
+    /// interrupt eventfds survive; the devices' internal state is lost.
     pub fn hot_reset(&self) -> Result<()> {
+        self.check_process(ioctl::DEVICE_PCI_HOT_RESET.name)?;
         let mut arg = sys::vfio_pci_hot_reset::new();
         // SAFETY: VFIO_DEVICE_PCI_HOT_RESET takes `vfio_pci_hot_reset`, whose `argsz` `new()` sets to
         // its 12-byte header; with `count` 0 the kernel reads no group fds past it and writes nothing.
@@ -534,6 +538,8 @@ impl DmaLog {
             return Err(Error::invalid(op, "DMA logging was stopped"));
         };
         let mut bitmap = KernelBitmap::new(op, words)?;
+        // Reading the log clears it: the parent's log.
+        dev.iommufd.check_process(op)?;
         let data = sys::vfio_device_feature_dma_logging_report {
             iova,
             length,
@@ -552,6 +558,8 @@ impl DmaLog {
 
     fn do_stop(&mut self) -> Result<()> {
         let Some(dev) = self.dev.take() else { return Ok(()) };
+        // In a fork()ed child the log is the parent's: leave it running.
+        dev.iommufd.check_process(DeviceFeature::DMA_LOGGING_STOP.name())?;
         // SAFETY: DMA_LOGGING_STOP with SET takes no payload.
         let r = unsafe {
             feature_call(dev.fd.as_fd(), DeviceFeature::DMA_LOGGING_STOP, sys::VFIO_DEVICE_FEATURE_SET, ())
@@ -567,6 +575,9 @@ impl DmaLog {
 
 impl Drop for DmaLog {
     fn drop(&mut self) {
+        if self.dev.as_ref().is_some_and(|d| !d.iommufd.in_owner_process()) {
+            return;
+        }
         if let Err(e) = self.do_stop() {
             log::error!("iommufd: stopping DMA logging on drop failed: {e}");
         }
