@@ -89,11 +89,12 @@ impl DirtyBitmap {
     /// multiples; `length` must be non-zero and the range must not wrap. The kernel additionally wants
     /// `iova` and `length` aligned to the IOAS's IOVA alignment (`EINVAL` otherwise).
     ///
-    /// The bitmap proper takes `length / page_size / 8` bytes, rounded up to whole `u64`s; the buffer
-    /// holding it is that rounded up to whole pages, plus three pages. The kernel records a dirty huge
-    /// IOMMU page (2 MiB, 1 GiB) as a whole and so may set bits past the requested length, as far as
-    /// the end of the bitmap pages it pinned: the buffer has room for all of them (they are dropped;
-    /// only the requested range is reported).
+    /// The bitmap proper takes `length / page_size / 8` bytes, rounded up to whole `u64`s. The kernel
+    /// records a dirty huge IOMMU page (2 MiB, 1 GiB) as a whole and so may set bits past the
+    /// requested length, as far as the end of the bitmap pages it pinned, which can be one page past
+    /// the bitmap's last: the buffer handed to it is page-aligned and has room for all of them (they
+    /// are dropped; only the requested range is reported). It takes the bitmap rounded up to whole
+    /// pages plus three: that page, a guard page after it, and alignment.
     pub fn new(iova: u64, length: u64, page_size: u64) -> Result<DirtyBitmap> {
         let words = bitmap_words(iova, length, page_size)?;
         let buf = KernelBitmap::new(GET_BITMAP, words)?;

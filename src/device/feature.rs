@@ -322,8 +322,15 @@ impl BoundDevice {
             let r = unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_GET_PCI_HOT_RESET_INFO, &mut buf) };
             match r {
                 Ok(_) => return parse_hot_reset_info(&buf),
-                // Too small: the kernel wrote the count it needs into the header.
+                // Too small: the kernel wrote the count it needs into the header (at most every
+                // function of a PCI domain).
                 Err(e) if e.errno() == Some(Errno::NOSPC) && buf[2] as usize > capacity => {
+                    if buf[2] > MAX_HOT_RESET_DEVICES {
+                        return Err(Error::Protocol {
+                            op: ioctl::DEVICE_GET_PCI_HOT_RESET_INFO.name,
+                            detail: format!("{} affected devices", buf[2]),
+                        });
+                    }
                     capacity = buf[2] as usize
                 }
                 Err(e) => return Err(e),
@@ -350,6 +357,9 @@ impl BoundDevice {
         unsafe { ioctl::call(self.as_fd(), &ioctl::DEVICE_PCI_HOT_RESET, &mut arg) }.map(drop)
     }
 }
+
+/// The most devices a hot reset can affect: every function of a PCI domain.
+const MAX_HOT_RESET_DEVICES: u32 = 1 << 16;
 
 /// Checks DMA logging ranges and converts them to the kernel's form.
 fn logging_ranges(
@@ -600,11 +610,11 @@ fn dma_buf_arg(op: &'static str, index: u32, ranges: &[RegionRange]) -> Result<(
         total = total.checked_add(r.len).ok_or_else(|| Error::invalid(op, "total length overflows"))?;
     }
     let nr = u32::try_from(ranges.len()).map_err(|_| Error::invalid(op, "too many ranges"))?;
-    let mut bytes = Vec::with_capacity(24 + 16 * ranges.len());
     let argsz = size_of::<sys::vfio_device_feature>()
         + size_of::<sys::vfio_device_feature_dma_buf>()
         + ranges.len() * size_of::<sys::vfio_region_dma_range>();
     let argsz = u32::try_from(argsz).map_err(|_| Error::invalid(op, "too many ranges"))?;
+    let mut bytes = Vec::with_capacity(argsz as usize);
     let open_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
     let flags = sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF;
     for v in [argsz, flags, index, open_flags, 0, nr] {
