@@ -418,6 +418,13 @@ impl std::fmt::Debug for DmaLog {
 
 /// Pages a device wrote, from [`DmaLog::report`]: one bit per [`page_size`](Self::page_size) page
 /// from [`iova`](Self::iova).
+///
+/// Only [`DmaLog::report`] makes one, so its page size is a valid one (a power of two, at least
+/// 4096) and its range does not wrap:
+///
+/// ```compile_fail,E0451
+/// let report = iommufd::DmaLogReport { iova: 0, length: 4096, page_size: 0, bitmap: vec![0] };
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct DmaLogReport {
     iova: u64,
