@@ -324,8 +324,15 @@ impl BoundDevice {
             let r = unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_GET_PCI_HOT_RESET_INFO, &mut buf) };
             match r {
                 Ok(_) => return parse_hot_reset_info(&buf),
-                // Too small: the kernel wrote the count it needs into the header.
+                // Too small: the kernel wrote the count it needs into the header (at most every
+                // function of a PCI domain).
                 Err(e) if e.errno() == Some(Errno::NOSPC) && buf[2] as usize > capacity => {
+                    if buf[2] > MAX_HOT_RESET_DEVICES {
+                        return Err(Error::Protocol {
+                            op: ioctl::DEVICE_GET_PCI_HOT_RESET_INFO.name,
+                            detail: format!("{} affected devices", buf[2]),
+                        });
+                    }
                     capacity = buf[2] as usize
                 }
                 Err(e) => return Err(e),
@@ -354,6 +361,9 @@ impl BoundDevice {
         unsafe { ioctl::call(self.as_fd(), &ioctl::DEVICE_PCI_HOT_RESET, &mut arg) }.map(drop)
     }
 }
+
+/// The most devices a hot reset can affect: every function of a PCI domain.
+const MAX_HOT_RESET_DEVICES: u32 = 1 << 16;
 
 /// Checks DMA logging ranges and converts them to the kernel's form.
 fn logging_ranges(
@@ -412,6 +422,13 @@ impl std::fmt::Debug for DmaLog {
 
 /// Pages a device wrote, from [`DmaLog::report`]: one bit per [`page_size`](Self::page_size) page
 /// from [`iova`](Self::iova).
+///
+/// Only [`DmaLog::report`] makes one, so its page size is a valid one (a power of two, at least
+/// 4096) and its range does not wrap:
+///
+/// ```compile_fail,E0451
+/// let report = iommufd::DmaLogReport { iova: 0, length: 4096, page_size: 0, bitmap: vec![0] };
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct DmaLogReport {
     iova: u64,
@@ -611,11 +628,11 @@ fn dma_buf_arg(op: &'static str, index: u32, ranges: &[RegionRange]) -> Result<(
         total = total.checked_add(r.len).ok_or_else(|| Error::invalid(op, "total length overflows"))?;
     }
     let nr = u32::try_from(ranges.len()).map_err(|_| Error::invalid(op, "too many ranges"))?;
-    let mut bytes = Vec::with_capacity(24 + 16 * ranges.len());
     let argsz = size_of::<sys::vfio_device_feature>()
         + size_of::<sys::vfio_device_feature_dma_buf>()
         + ranges.len() * size_of::<sys::vfio_region_dma_range>();
     let argsz = u32::try_from(argsz).map_err(|_| Error::invalid(op, "too many ranges"))?;
+    let mut bytes = Vec::with_capacity(argsz as usize);
     let open_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
     let flags = sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF;
     for v in [argsz, flags, index, open_flags, 0, nr] {
@@ -835,12 +852,16 @@ mod tests {
         assert!(e.to_string().contains("inverted"), "{e}");
     }
 
-    /// A report as `DmaLog::report` builds it, with `bits` set as the kernel would.
+    /// A report as `DmaLog::report` builds it, with `bits` set as the kernel would (those past the
+    /// room the kernel may write are left out).
     fn report(iova: u64, length: u64, page_size: u64, bits: &[u64]) -> DmaLogReport {
         let words = report_words("t", 4096, iova, length, page_size).unwrap();
         let mut bitmap = KernelBitmap::new("t", words).unwrap();
+        let span = bitmap.span_mut();
         for &b in bits {
-            bitmap.words_mut()[(b / 64) as usize] |= 1 << (b % 64);
+            if let Some(w) = span.get_mut((b / 64) as usize) {
+                *w |= 1 << (b % 64);
+            }
         }
         bitmap.finish("t", length.div_ceil(page_size)).unwrap();
         DmaLogReport { iova, length, page_size, bitmap }
@@ -894,6 +915,92 @@ mod tests {
         assert_eq!(report_words("t", 4096, 0, u64::MAX, 1 << 63).unwrap(), 1);
         assert_eq!(report_words("t", 4096, 0x1000, u64::MAX - 0x1000, 4096).unwrap(), 1 << 46);
     }
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        fn pow2_or_any() -> impl Strategy<Value = u64> {
+            prop_oneof![any::<u64>(), (0u32..64).prop_map(|s| 1u64 << s), Just(0)]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Report requests never panic, and are accepted exactly when well-formed for the
+            /// tracked page size.
+            #[test]
+            fn report_requests(
+                tracked in pow2_or_any(),
+                iova in prop_oneof![any::<u64>(), (0u64..1 << 24).prop_map(|p| p << 12)],
+                length in prop_oneof![any::<u64>(), 0u64..1 << 30],
+                page_size in pow2_or_any(),
+            ) {
+                let ok = length != 0
+                    && page_size.is_power_of_two()
+                    && page_size >= 4096
+                    && page_size >= tracked
+                    && tracked.is_power_of_two()
+                    && iova % tracked == 0
+                    && iova.checked_add(length).is_some();
+                match report_words("t", tracked, iova, length, page_size) {
+                    Ok(words) => {
+                        prop_assert!(ok);
+                        prop_assert_eq!(words as u64, length.div_ceil(page_size).div_ceil(64));
+                    }
+                    Err(Error::InvalidArgument { .. }) => prop_assert!(!ok),
+                    Err(e) => prop_assert!(false, "unexpected error {:?}", e),
+                }
+            }
+
+            /// Any ranges, inverted or not: an error or well-formed kernel ranges, never a panic.
+            #[test]
+            fn logging_ranges_never_panic(
+                page_size in pow2_or_any(),
+                ranges in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..5),
+            ) {
+                let ranges: Vec<IovaRange> =
+                    ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect();
+                if let Ok(raw) = logging_ranges("t", page_size, &ranges) {
+                    prop_assert_eq!(raw.len(), ranges.len());
+                    for (k, r) in raw.iter().zip(&ranges) {
+                        prop_assert!(r.start <= r.last && k.length != 0);
+                        prop_assert_eq!((k.iova, k.iova + (k.length - 1)), (r.start, r.last));
+                        prop_assert!(k.iova % page_size == 0 && k.length % page_size == 0);
+                    }
+                }
+            }
+
+            /// Decoding a report with any bits set (past the end too) agrees with itself.
+            #[test]
+            fn reports_decode(
+                shift in 12u32..=30,
+                length in 1u64..1 << 40,
+                at_top in any::<bool>(),
+                bits in proptest::collection::vec(any::<u64>(), 0..20),
+            ) {
+                let page_size = 1u64 << shift;
+                let length = length.min(page_size * 2000);
+                let iova = if at_top { (u64::MAX - length + 1) & !4095 } else { 0x10_0000 };
+                prop_assume!(iova.checked_add(length).is_some());
+                let pages = length.div_ceil(page_size);
+                let rep = report(iova, length, page_size, &bits.iter().map(|b| b % (pages + 64)).collect::<Vec<_>>());
+                let dirty: Vec<u64> = rep.dirty_pages().collect();
+                prop_assert!(dirty.windows(2).all(|w| w[0] < w[1]));
+                for &p in &dirty {
+                    prop_assert!(rep.is_dirty(p) && p >= iova && p - iova < length);
+                }
+                let set: u64 = rep.bitmap().iter().map(|w| u64::from(w.count_ones())).sum();
+                prop_assert_eq!(set, dirty.len() as u64);
+                prop_assert!(!rep.is_dirty(iova.wrapping_sub(1)) || iova == 0);
+            }
+        }
+    }
+
     #[test]
     fn hot_reset_info_parsing() {
         let devfn = |d: u8, f: u8| (d << 3) | f;
