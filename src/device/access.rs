@@ -879,9 +879,14 @@ fn put_u32(buf: &mut [u8], at: usize, v: u32) {
 
 /// A region of a device mapped into this process ([`BoundDevice::map_region`]).
 ///
-/// The memory is device MMIO: it is only ever accessed through volatile loads and stores of the
-/// requested width, after bounds and alignment checks, and never lent out as a Rust reference. The
-/// mapping keeps the device open; it is unmapped on drop.
+/// The memory is device memory mapped from the VFIO device, outside any Rust allocation: it is only
+/// ever accessed through single volatile loads and stores of the requested width, after bounds and
+/// alignment checks, and never lent out as a Rust reference. Volatile, not atomic, because a device
+/// register must see exactly the access width asked for and a region may be mapped read-only. The
+/// mapping is `Sync`: accesses from several threads at once reach the device as separate accesses,
+/// in an order the threads do not control (what two racing register writes do is the device's
+/// business; serialise them if the device needs it). The mapping keeps the device open; it is
+/// unmapped on drop.
 ///
 /// Touching the mapping while the device cannot answer (for example with memory decoding disabled in
 /// its command register, or during a reset) makes the kernel raise `SIGBUS`, which kills the process
@@ -1025,9 +1030,12 @@ impl RegionMapping {
     pub fn read_bytes(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         let p = self.at("RegionMapping::read_bytes", RegionFlags::READ, offset, 0)?;
         check_range("RegionMapping::read_bytes", self.index, self.len as u64, offset as u64, buf.len())?;
-        // SAFETY: `p..p+buf.len()` is inside the readable mapping this value owns (checked above),
-        // which stays mapped while `self` is borrowed.
-        unsafe { crate::dma::copy_from_device(p, buf) };
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `p + i` is inside the readable mapping this value owns (checked above), which
+            // stays mapped while `self` is borrowed; volatile because it is device memory (which may
+            // be mapped read-only, so not through an atomic type).
+            *b = unsafe { p.add(i).read_volatile() };
+        }
         Ok(())
     }
 
@@ -1035,9 +1043,11 @@ impl RegionMapping {
     pub fn write_bytes(&self, offset: usize, data: &[u8]) -> Result<()> {
         let p = self.at("RegionMapping::write_bytes", RegionFlags::WRITE, offset, 0)?;
         check_range("RegionMapping::write_bytes", self.index, self.len as u64, offset as u64, data.len())?;
-        // SAFETY: `p..p+data.len()` is inside the writable mapping this value owns (checked above),
-        // which stays mapped while `self` is borrowed.
-        unsafe { crate::dma::copy_to_device(data, p) };
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `p + i` is inside the writable mapping this value owns (checked above), which
+            // stays mapped while `self` is borrowed; volatile because it is device memory.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
         Ok(())
     }
 }
