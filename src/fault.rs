@@ -948,7 +948,7 @@ pub(crate) mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(64))]
+            #![proptest_config(ProptestConfig::with_cases(128))]
 
             /// Groups of any size up to past the largest batch, kernel failures anywhere, old and new
             /// kernels: repeated reads hand out every fault exactly once, in order, whole groups only.

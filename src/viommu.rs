@@ -1412,7 +1412,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
+            #![proptest_config(ProptestConfig::with_cases(512))]
 
             /// Any bytes of any length, any type, any accounting state: records or a protocol error,
             /// never a panic; the lost total is the sum of the lost records.
