@@ -844,6 +844,11 @@ impl<M: Memory> Mapping<M> {
         self.ioas.id()
     }
 
+    /// The iommufd of the IOAS the range lives in.
+    pub(crate) fn iommufd(&self) -> &Iommufd {
+        self.ioas.iommufd()
+    }
+
     /// Unmaps this guard's range with the registry locked; the entry goes only once the kernel
     /// confirmed the whole range is gone.
     fn do_unmap(&self) -> Result<()> {

@@ -1013,6 +1013,7 @@ impl HwQueue {
                 ),
             ));
         }
+        viommu.iommufd().check_same(memory.iommufd(), HW_QUEUE_ALLOC)?;
         let ioas_id = viommu.nest_parent().parent_id();
         if memory.ioas_id() != ioas_id {
             return Err(Error::invalid(
