@@ -78,6 +78,8 @@ fn device_name_comes_from_the_device_number_not_the_path() {
     let dev = dev.bind(&fd).unwrap();
     assert_eq!(fd.bound_device_names(), vec![device_address()]);
     assert!(dev.group().unwrap().devices.iter().any(|d| d.name == device_address() && d.bound_here));
+    let real = std::fs::canonicalize(format!("/sys/bus/pci/devices/{}", device_address())).unwrap();
+    assert_eq!(dev.sysfs_path(), Some(real), "the device's own sysfs directory");
     drop(dev);
     // SAFETY: `dst` is a NUL-terminated path alive for the call.
     assert_eq!(unsafe { libc::umount2(dst.as_ptr(), 0) }, 0, "{}", std::io::Error::last_os_error());
