@@ -1462,7 +1462,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::device::prop_cases()))]
 
         #[test]
         fn well_formed_chains_decode_to_what_was_encoded(

@@ -841,7 +841,7 @@ mod props {
     use super::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::device::prop_cases()))]
 
         #[test]
         fn hot_reset_info_of_any_words_is_decoded_or_refused(
