@@ -99,6 +99,11 @@ impl VfioDevice {
 
     /// Binds the device to `iommufd` (`VFIO_DEVICE_BIND_IOMMUFD`, Linux 6.6). On failure the cdev is
     /// closed.
+    ///
+    /// A cdev can be opened any number of times, but the device is bound through one open file at a
+    /// time: binding while it is bound (through this or another open of its cdev, to any iommufd)
+    /// fails with `EINVAL`. `EBUSY` means its IOMMU group is open through the legacy VFIO group
+    /// interface (`/dev/vfio/<group>`); `EPERM` that the platform lacks interrupt remapping.
     pub fn bind(self, iommufd: &Iommufd) -> Result<BoundDevice> {
         self.bind_inner(iommufd, None)
     }
