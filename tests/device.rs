@@ -78,6 +78,8 @@ fn device_name_comes_from_the_device_number_not_the_path() {
     let dev = dev.bind(&fd).unwrap();
     assert_eq!(fd.bound_device_names(), vec![device_address()]);
     assert!(dev.group().unwrap().devices.iter().any(|d| d.name == device_address() && d.bound_here));
+    let real = std::fs::canonicalize(format!("/sys/bus/pci/devices/{}", device_address())).unwrap();
+    assert_eq!(dev.sysfs_path(), Some(real), "the device's own sysfs directory");
     drop(dev);
     // SAFETY: `dst` is a NUL-terminated path alive for the call.
     assert_eq!(unsafe { libc::umount2(dst.as_ptr(), 0) }, 0, "{}", std::io::Error::last_os_error());
@@ -103,6 +105,17 @@ fn files_of_the_wrong_kind_are_refused_before_any_ioctl() {
     assert!(e.to_string().contains("misc/iommu"), "{e}");
     let e = VfioDevice::open("/dev/iommu").unwrap_err();
     assert!(matches!(e, Error::WrongFile { .. }), "{e}");
+    // A legacy VFIO group node is not a device cdev.
+    let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", device_address())).unwrap();
+    let group_node = std::path::Path::new("/dev/vfio").join(group.file_name().unwrap());
+    let e = VfioDevice::open(&group_node).unwrap_err();
+    assert!(matches!(e, Error::WrongFile { .. }), "{e}");
+    if iommu() != "hardware" {
+        // The VM kernel has the legacy VFIO container (CONFIG_VFIO_CONTAINER), not iommufd's
+        // emulation of it: /dev/vfio/vfio is the vfio misc device, and IOMMU_OPTION fails there.
+        let e = Iommufd::open_path("/dev/vfio/vfio").unwrap_err();
+        assert!(e.to_string().contains("legacy VFIO container"), "{e}");
+    }
     // The real ones pass.
     Iommufd::from_fd(open(std::path::Path::new("/dev/iommu"))).unwrap();
     Iommufd::open_path("/dev/iommu").unwrap();
@@ -343,4 +356,23 @@ fn display_and_precopy_ioctls_are_not_vfio_pci_ones() {
     // SAFETY: the fd is a VFIO device cdev, which the contract allows.
     let e = unsafe { iommufd::precopy_info(&dev) }.unwrap_err();
     assert!(matches!(e, Error::Unsupported { op: "VFIO_MIG_GET_PRECOPY_INFO", .. }), "{e}");
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
+fn a_cdev_opens_many_times_but_binds_once() {
+    let fd = Iommufd::open().unwrap();
+    let first = VfioDevice::open_pci(&device_address()).unwrap();
+    let second = VfioDevice::open_pci(&device_address()).unwrap();
+    let third = VfioDevice::open_pci(&device_address()).unwrap();
+    let bound = first.bind(&fd).unwrap();
+    // Opening succeeded three times; binding a second time, to any iommufd, is EINVAL.
+    let e = second.bind(&fd).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::INVAL), "{e}");
+    assert!(e.to_string().contains("already bound"), "{e}");
+    let e = third.bind(&Iommufd::open().unwrap()).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::INVAL), "{e}");
+    drop(bound);
+    // Once unbound, a fresh open binds again.
+    bind(&fd).close().unwrap();
 }

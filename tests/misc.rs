@@ -380,3 +380,80 @@ fn attach_pasid_on_edu() {
     // Nothing was recorded or attached: the whole device attaches to the IOAS normally.
     dev.attach(&ioas).unwrap().detach().unwrap();
 }
+
+/// Runs `f` in a `fork()`ed child (so that it may change its credentials and limits) and returns the
+/// child's exit code: what `f` returned, 101 if it panicked.
+fn in_child(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the VM suite runs tests one at a time (--test-threads=1); the child runs `f` and _exits,
+    // never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        // SAFETY: ends the child without running the parent's harness or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// Lowers this process's RLIMIT_MEMLOCK to `bytes`.
+fn limit_memlock(bytes: u64) {
+    let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+    // SAFETY: `lim` is a valid rlimit for the call.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) }, 0);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
+fn memlock_is_charged_at_attach_time_and_never_to_cap_ipc_lock() {
+    const LEN: usize = 1 << 20;
+    // Root (CAP_IPC_LOCK) is never charged: a 1 MiB mapping attaches under a 64 KiB limit.
+    let code = in_child(|| {
+        limit_memlock(64 << 10);
+        let fd = Iommufd::open().unwrap();
+        let dev = edu(&fd);
+        let ioas = fd.alloc_ioas().unwrap();
+        let _map = ioas.map(DmaBuffer::new(LEN).unwrap(), Iova::Auto, Access::READ_WRITE).unwrap();
+        let att = dev.attach(&ioas).unwrap();
+        att.detach().unwrap();
+        0
+    });
+    assert_eq!(code, 0, "root was limited by RLIMIT_MEMLOCK");
+    // Without CAP_IPC_LOCK, a mapping made before any domain pins nothing; the pinning, and so the
+    // ENOMEM, comes when a domain is filled: at HWPT allocation or at attach.
+    let code = in_child(|| {
+        let fd = Iommufd::open().unwrap();
+        let cdev = iommufd::VfioDevice::open_pci(&common::edu_address()).unwrap();
+        limit_memlock(64 << 10);
+        // Dropping root (all uids non-zero) clears the capabilities, CAP_IPC_LOCK included.
+        // SAFETY: plain system call on integers.
+        assert_eq!(unsafe { libc::setresuid(65534, 65534, 65534) }, 0);
+        let ioas = fd.alloc_ioas().unwrap();
+        let _map = ioas.map(DmaBuffer::new(LEN).unwrap(), Iova::Auto, Access::READ_WRITE).unwrap();
+        let dev = cdev.bind(&fd).unwrap();
+        let memlock_hint =
+            |e: &Error| e.errno() == Some(Errno::NOMEM) && e.to_string().contains("RLIMIT_MEMLOCK");
+        match Hwpt::alloc(&dev, &ioas, HwptFlags::empty()) {
+            Err(e) if memlock_hint(&e) => {}
+            other => {
+                eprintln!("HWPT alloc: {other:?}");
+                return 2;
+            }
+        }
+        match dev.attach(&ioas) {
+            Err(e) if memlock_hint(&e) => {
+                eprintln!("{e}");
+                0
+            }
+            other => {
+                eprintln!("attach: {other:?}");
+                3
+            }
+        }
+    });
+    assert_eq!(code, 0, "expected ENOMEM with the memlock hint at HWPT allocation and attach");
+}

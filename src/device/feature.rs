@@ -322,18 +322,18 @@ impl BoundDevice {
             // by room for `capacity` `vfio_pci_dependent_device`s; it holds no pointers. The kernel
             // writes the header and at most as many entries as fit in `argsz`.
             let r = unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_GET_PCI_HOT_RESET_INFO, &mut buf) };
+            let count = buf.get(2).map_or(0, |&c| c as usize);
             match r {
                 Ok(_) => return parse_hot_reset_info(&buf),
-                // Too small: the kernel wrote the count it needs into the header (at most every
-                // function of a PCI domain).
-                Err(e) if e.errno() == Some(Errno::NOSPC) && buf[2] as usize > capacity => {
-                    if buf[2] > MAX_HOT_RESET_DEVICES {
+                // Too small: the kernel wrote the count it needs into the header.
+                Err(e) if e.errno() == Some(Errno::NOSPC) && count > capacity => {
+                    if count > MAX_HOT_RESET_DEVICES {
                         return Err(Error::Protocol {
                             op: ioctl::DEVICE_GET_PCI_HOT_RESET_INFO.name,
-                            detail: format!("{} affected devices", buf[2]),
+                            detail: format!("the kernel claims {count} affected devices"),
                         });
                     }
-                    capacity = buf[2] as usize
+                    capacity = count
                 }
                 Err(e) => return Err(e),
             }
@@ -361,9 +361,6 @@ impl BoundDevice {
         unsafe { ioctl::call(self.as_fd(), &ioctl::DEVICE_PCI_HOT_RESET, &mut arg) }.map(drop)
     }
 }
-
-/// The most devices a hot reset can affect: every function of a PCI domain.
-const MAX_HOT_RESET_DEVICES: u32 = 1 << 16;
 
 /// Checks DMA logging ranges and converts them to the kernel's form.
 fn logging_ranges(
@@ -478,14 +475,15 @@ impl DmaLogReport {
 
     /// True if the page holding `iova` was written (false outside the covered range).
     pub fn is_dirty(&self, iova: u64) -> bool {
-        if iova < self.iova || iova - self.iova >= self.length {
+        if iova < self.iova || iova - self.iova >= self.length || self.page_size == 0 {
             return false;
         }
         let n = (iova - self.iova) / self.page_size;
         self.bitmap().get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
     }
 
-    /// First IOVAs of the written pages, ascending.
+    /// First IOVAs of the written pages, ascending (none if `page_size` is 0; pages whose IOVA would
+    /// pass `u64::MAX` are not reported).
     pub fn dirty_pages(&self) -> impl Iterator<Item = u64> + '_ {
         let pages = self.pages();
         self.bitmap()
@@ -727,11 +725,26 @@ pub enum HotResetOwner {
     Group(u32),
 }
 
+/// The most devices a hot reset is believed to affect (a PCI bus has at most 256 functions; a slot
+/// or bus reset below a bridge can reach deeper buses). A larger count from the kernel is refused
+/// rather than allocated for.
+const MAX_HOT_RESET_DEVICES: usize = 1 << 16;
+
+/// Decodes a `vfio_pci_hot_reset_info` answer held in `buf` (header words `argsz`, `flags`, `count`,
+/// then `count` two-word `vfio_pci_dependent_device` entries). Bounds-checked: any content gives a
+/// value or an [`Error::Protocol`], never a panic or a read past `buf`.
 fn parse_hot_reset_info(buf: &[u32]) -> Result<HotResetInfo> {
     const OP: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
-    let (flags, count) = (buf[1], buf[2] as usize);
     let header = size_of::<sys::vfio_pci_hot_reset_info>() / 4;
-    let entries = buf.get(header..header + 2 * count).ok_or_else(|| Error::Protocol {
+    let (Some(&flags), Some(&count)) = (buf.get(1), buf.get(2)) else {
+        return Err(Error::Protocol {
+            op: OP,
+            detail: format!("{}-byte answer has no header", buf.len() * 4),
+        });
+    };
+    let count = count as usize;
+    let end = count.checked_mul(2).and_then(|n| n.checked_add(header));
+    let entries = end.and_then(|end| buf.get(header..end)).ok_or_else(|| Error::Protocol {
         op: OP,
         detail: format!("{count} devices do not fit the {}-byte buffer", buf.len() * 4),
     })?;
@@ -1032,5 +1045,107 @@ mod tests {
         assert_eq!(info.devices[0].owner, HotResetOwner::Group(12));
         // A count past the buffer is a protocol error, not a panic.
         assert!(matches!(parse_hot_reset_info(&[0, 1, 5, 0, 0]), Err(Error::Protocol { .. })));
+    }
+}
+
+/// Property tests of the hot-reset-info decoder (kernel-written data) and of the DMA-logging and
+/// dma-buf validation: any input gives a value or an error, never a panic or an out-of-bounds read.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::device::prop_cases()))]
+
+        #[test]
+        fn hot_reset_info_of_any_words_is_decoded_or_refused(
+            mut buf in proptest::collection::vec(any::<u32>(), 0..24),
+            count in prop_oneof![0u32..12, any::<u32>()],
+        ) {
+            if buf.len() > 2 {
+                buf[2] = count;
+            }
+            if let Ok(info) = parse_hot_reset_info(&buf) {
+                prop_assert_eq!(info.devices.len(), buf[2] as usize);
+                prop_assert!(3 + 2 * info.devices.len() <= buf.len());
+                for dep in &info.devices {
+                    prop_assert!(dep.address.device < 32 && dep.address.function < 8);
+                    prop_assert!(dep.address.domain <= 0xffff);
+                }
+            }
+        }
+
+        #[test]
+        fn hot_reset_info_round_trips(
+            dev_id in any::<bool>(),
+            owned in any::<bool>(),
+            entries in proptest::collection::vec((any::<u32>(), any::<u16>(), any::<u8>(), any::<u8>()), 0..10),
+            slack in 0usize..6,
+        ) {
+            let mut flags = 0;
+            if dev_id {
+                flags |= sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID;
+            }
+            if owned {
+                flags |= sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED;
+            }
+            let mut buf = vec![0, flags, entries.len() as u32];
+            for (id, seg, bus, devfn) in &entries {
+                let s = seg.to_ne_bytes();
+                buf.extend([*id, u32::from_ne_bytes([s[0], s[1], *bus, *devfn])]);
+            }
+            buf.resize(buf.len() + slack, 0xdead_beef);
+            let info = parse_hot_reset_info(&buf).unwrap();
+            prop_assert_eq!(info.all_owned, dev_id && owned);
+            for (dep, (id, seg, bus, devfn)) in info.devices.iter().zip(&entries) {
+                let want = PciAddress { domain: u32::from(*seg), bus: *bus, device: devfn >> 3, function: devfn & 7 };
+                prop_assert_eq!(dep.address, want);
+                let owner = match *id {
+                    _ if !dev_id => HotResetOwner::Group(*id),
+                    sys::VFIO_PCI_DEVID_OWNED => HotResetOwner::Owned,
+                    id if id == sys::VFIO_PCI_DEVID_NOT_OWNED as u32 => HotResetOwner::NotOwned,
+                    id => HotResetOwner::DevId(id),
+                };
+                prop_assert_eq!(dep.owner, owner);
+            }
+        }
+
+        #[test]
+        fn logging_ranges_are_checked_without_panicking(
+            page_size in prop_oneof![Just(0u64), Just(4096u64), any::<u64>()],
+            ranges in proptest::collection::vec(
+                prop_oneof![
+                    any::<(u64, u64)>(),
+                    (0u64..64, 0u64..64).prop_map(|(a, b)| (a << 12, (b << 12) | 0xfff)),
+                ],
+                0..6,
+            ),
+        ) {
+            let ranges: Vec<IovaRange> = ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect();
+            if let Ok(raw) = logging_ranges("t", page_size, &ranges) {
+                prop_assert_eq!(raw.len(), ranges.len());
+                for r in raw {
+                    prop_assert!(r.length != 0 && r.iova % page_size == 0 && r.length % page_size == 0);
+                }
+            }
+        }
+
+        #[test]
+        fn dma_buf_arguments_are_laid_out_or_refused(
+            index in any::<u32>(),
+            ranges in proptest::collection::vec(
+                prop_oneof![any::<(u64, u64)>(), (0u64..16, 1u64..16).prop_map(|(o, l)| (o << 12, l << 12))],
+                0..5,
+            ),
+        ) {
+            let ranges: Vec<RegionRange> = ranges.into_iter().map(|(offset, len)| RegionRange { offset, len }).collect();
+            if let Ok((words, total)) = dma_buf_arg("t", index, &ranges) {
+                let argsz = (words[0] & 0xffff_ffff) as usize;
+                prop_assert!(argsz <= words.len() * 8);
+                prop_assert_eq!(total, ranges.iter().map(|r| r.len).sum::<u64>());
+            }
+        }
     }
 }

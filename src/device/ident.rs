@@ -176,16 +176,35 @@ pub(crate) fn check_iommufd(
     }
 }
 
-/// Checks that `fd` is a VFIO device cdev and returns the sysfs name of its device (`None` only when
-/// sysfs is not mounted, in which case the major number registered as `vfio-dev` in `/proc/devices`
-/// identifies the cdev).
-pub(crate) fn check_vfio_cdev(op: &'static str, fd: BorrowedFd<'_>) -> Result<Option<String>> {
+/// The device behind a VFIO device cdev, as sysfs names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CdevDevice {
+    /// The device's sysfs name (`0000:00:03.0`).
+    pub name: String,
+    /// The device's sysfs directory (`/sys/devices/pci0000:00/0000:00:03.0`), when it resolves.
+    pub dir: Option<PathBuf>,
+}
+
+/// Checks that `fd` is a VFIO device cdev and returns its device (`None` only when sysfs is not
+/// mounted, in which case the major number registered as `vfio-dev` in `/proc/devices` identifies the
+/// cdev).
+pub(crate) fn check_vfio_cdev(op: &'static str, fd: BorrowedFd<'_>) -> Result<Option<CdevDevice>> {
     const EXPECTED: &str = "a VFIO device cdev (/dev/vfio/devices/vfioN)";
     let id = identify(fd)?;
     let wrong = |found: String| Error::WrongFile { op, expected: EXPECTED, found };
     let Some((major, _)) = id.rdev else { return Err(wrong(id.describe())) };
     match id.sysfs.as_deref().map(classify) {
-        Some(SysfsKind::VfioCdev(name)) => Ok(Some(name)),
+        Some(SysfsKind::VfioCdev(name)) => {
+            // `/sys/dev/char/M:m` resolves to `<device>/vfio-dev/vfioN`.
+            let dir = id
+                .rdev
+                .and_then(|(major, minor)| {
+                    std::fs::canonicalize(format!("{SYS_DEV_CHAR}/{major}:{minor}")).ok()
+                })
+                .and_then(|cdev| Some(cdev.parent()?.parent()?.to_path_buf()))
+                .filter(|dir| dir.file_name().is_some_and(|n| n.to_str() == Some(name.as_str())));
+            Ok(Some(CdevDevice { name, dir }))
+        }
         Some(SysfsKind::VfioContainer) => {
             Err(wrong(format!("{} (the VFIO container /dev/vfio/vfio, not a device)", id.describe())))
         }

@@ -42,7 +42,7 @@ use crate::iommufd::Iommufd;
 #[derive(Debug)]
 pub struct VfioDevice {
     fd: OwnedFd,
-    name: Option<String>,
+    device: Option<ident::CdevDevice>,
 }
 
 impl VfioDevice {
@@ -56,8 +56,8 @@ impl VfioDevice {
             rustix::fs::Mode::empty(),
         )
         .map_err(|e| Error::open(path, e))?;
-        let name = ident::check_vfio_cdev("VfioDevice::open", fd.as_fd())?;
-        Ok(VfioDevice { fd, name })
+        let device = ident::check_vfio_cdev("VfioDevice::open", fd.as_fd())?;
+        Ok(VfioDevice { fd, device })
     }
 
     /// Opens the cdev of the PCI device at `address` (`0000:00:03.0`), found through
@@ -75,7 +75,8 @@ impl VfioDevice {
                     cdev.display()
                 ),
             }),
-            _ => Ok(VfioDevice { name: Some(want), ..dev }),
+            Some(_) => Ok(dev),
+            None => Ok(VfioDevice { device: Some(ident::CdevDevice { name: want, dir: None }), ..dev }),
         }
     }
 
@@ -86,18 +87,23 @@ impl VfioDevice {
     /// device's sysfs name comes from the same lookup. Where sysfs is not mounted, the cdev is
     /// recognised by the major number `/proc/devices` lists as `vfio-dev`, and the name is unknown.
     pub fn from_fd(fd: OwnedFd) -> Result<VfioDevice> {
-        let name = ident::check_vfio_cdev("VfioDevice::from_fd", fd.as_fd())?;
-        Ok(VfioDevice { fd, name })
+        let device = ident::check_vfio_cdev("VfioDevice::from_fd", fd.as_fd())?;
+        Ok(VfioDevice { fd, device })
     }
 
     /// The device's sysfs name (a PCI address, or a platform device's name), read from sysfs through
     /// the cdev's device number; `None` only where sysfs is not mounted.
     pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
+        self.device.as_ref().map(|d| d.name.as_str())
     }
 
     /// Binds the device to `iommufd` (`VFIO_DEVICE_BIND_IOMMUFD`, Linux 6.6). On failure the cdev is
     /// closed.
+    ///
+    /// A cdev can be opened any number of times, but the device is bound through one open file at a
+    /// time: binding while it is bound (through this or another open of its cdev, to any iommufd)
+    /// fails with `EINVAL`. `EBUSY` means its IOMMU group is open through the legacy VFIO group
+    /// interface (`/dev/vfio/<group>`); `EPERM` that the platform lacks interrupt remapping.
     pub fn bind(self, iommufd: &Iommufd) -> Result<BoundDevice> {
         self.bind_inner(iommufd, None)
     }
@@ -119,7 +125,7 @@ impl VfioDevice {
         // `new()`; `iommufd` is borrowed open for the call and `token_uuid_ptr` is null or points at the
         // 16 readable bytes of `token`, alive until the call returns.
         unsafe { ioctl::call(self.fd.as_fd(), &ioctl::DEVICE_BIND_IOMMUFD, &mut arg) }?;
-        if let Some(name) = &self.name {
+        if let Some(name) = self.name() {
             iommufd.register_bound(name);
         }
         Ok(BoundDevice {
@@ -127,7 +133,8 @@ impl VfioDevice {
                 fd: self.fd,
                 iommufd: iommufd.clone(),
                 dev_id: arg.out_devid,
-                name: self.name,
+                name: self.device.as_ref().map(|d| d.name.clone()),
+                sysfs: self.device.and_then(|d| d.dir),
                 attached: Mutex::new(BTreeMap::new()),
             }),
         })
@@ -156,8 +163,8 @@ impl FromRawFd for VfioDevice {
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         // SAFETY: the caller transfers ownership of the open fd (this function's contract).
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = ident::check_vfio_cdev("VfioDevice::from_raw_fd", fd.as_fd()).ok().flatten();
-        VfioDevice { fd, name }
+        let device = ident::check_vfio_cdev("VfioDevice::from_raw_fd", fd.as_fd()).ok().flatten();
+        VfioDevice { fd, device }
     }
 }
 
@@ -187,6 +194,8 @@ pub(crate) struct DeviceInner {
     pub(crate) iommufd: Iommufd,
     pub(crate) dev_id: u32,
     pub(crate) name: Option<String>,
+    /// The device's sysfs directory, resolved from the cdev's device number.
+    pub(crate) sysfs: Option<PathBuf>,
     attached: Mutex<BTreeMap<AttachKey, Slot>>,
 }
 
@@ -253,14 +262,19 @@ impl BoundDevice {
         &self.inner.iommufd
     }
 
-    /// The device's sysfs name (its PCI address), when known.
+    /// The device's sysfs name (its PCI address), read through the cdev's device number when it was
+    /// opened (see [`VfioDevice::name`]).
     pub fn name(&self) -> Option<&str> {
         self.inner.name.as_deref()
     }
 
-    /// The sysfs directory of the device, when its name is known.
+    /// The sysfs directory of the device (`/sys/devices/pci0000:00/0000:00:03.0`), resolved from the
+    /// cdev's device number; for a device known only by name, `/sys/bus/pci/devices/<name>`.
     pub fn sysfs_path(&self) -> Option<PathBuf> {
-        self.name().map(|n| PathBuf::from("/sys/bus/pci/devices").join(n))
+        self.inner
+            .sysfs
+            .clone()
+            .or_else(|| self.name().map(|n| PathBuf::from("/sys/bus/pci/devices").join(n)))
     }
 
     /// Points the whole device's DMA at `pt` (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`). Only one whole-device
@@ -494,6 +508,14 @@ impl Drop for Attachment {
             }
         }
     }
+}
+
+/// Cases per property test: 1000 on the host; 64 inside the test VM (`IOMMUFD_TEST_IOMMU` is set),
+/// where the same pure functions run again under emulation and more cases would add time, not
+/// coverage.
+#[cfg(test)]
+pub(crate) fn prop_cases() -> u32 {
+    if std::env::var_os("IOMMUFD_TEST_IOMMU").is_some() { 64 } else { 1000 }
 }
 
 #[cfg(test)]
