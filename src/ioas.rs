@@ -712,10 +712,13 @@ impl Ioas {
     }
 
     /// Allows or forbids huge IOMMU pages for this IOAS (`IOMMU_OPTION_HUGE_PAGES`). With them off the
-    /// kernel maps every area with the smallest IOMMU page, which can raise the IOVA alignment that
-    /// [`iova_ranges`](Self::iova_ranges) reports. Turning them on always works; turning them off works
-    /// while attached, and is refused (`EINVAL`) only once the IOAS has both a domain (an attached
-    /// device or page table) and a mapping.
+    /// kernel maps every area with the smallest IOMMU page and the IOVA alignment that
+    /// [`iova_ranges`](Self::iova_ranges) reports becomes at least the CPU page size.
+    ///
+    /// Allowing them always succeeds. Forbidding them works while devices are attached, and while
+    /// mappings exist, but not both at once: once the IOAS has a domain (an attached device, or a HWPT
+    /// allocated on it) and holds a mapping, the kernel refuses with `EINVAL` (the mappings may already
+    /// use huge IOPTEs). `EADDRINUSE` if an existing mapping is not aligned to the new alignment.
     pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
         const OP: &str = "IOMMU_OPTION";
         // Under the area lock: the kernel's answer depends on whether areas exist.
