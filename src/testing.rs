@@ -496,6 +496,10 @@ impl MockDevice {
     /// device keeps `pt` alive until the PASID is detached.
     pub fn attach_pasid(&self, pasid: u32, pt: &impl PageTable) -> Result<u32> {
         const OP: &str = "IOMMU_TEST_OP_PASID_ATTACH";
+        if pasid == 0 {
+            // PASID 0 means "no PASID" to the kernel: that is the device's own attachment.
+            return Err(Error::invalid(OP, "PASID 0 is the whole device, not a PASID: use replace()"));
+        }
         let new = pt.pt_ref();
         self.inner.iommufd.check_same(new.iommufd(), OP)?;
         let mut state = self.inner.state();
