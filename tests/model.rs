@@ -26,7 +26,8 @@ use std::time::Instant;
 
 use iommufd::testing::{self, MockAccess, MockDevice};
 use iommufd::{
-    Access, DmaBuffer, Errno, Error, FileMemory, Ioas, Iommufd, Iova, IovaRange, Mapping, page_size,
+    Access, DmaBuffer, Errno, Error, FileMemory, Hwpt, HwptFlags, Ioas, Iommufd, Iova, IovaRange, Mapping,
+    page_size,
 };
 
 /// Seeds of the random operation sequences (each gets a fresh IOAS and mock device).
@@ -1071,4 +1072,424 @@ fn model_random_operation_sequences() {
         SEEDS.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+// Single-operation tests of kernel behaviours the model relies on (after the kernel's own selftests in
+// tools/testing/selftests/iommu/iommufd.c).
+
+fn mock_ioas() -> (Iommufd, Ioas, MockDevice) {
+    let iommufd = Iommufd::open().expect("open /dev/iommu");
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let dev = MockDevice::new(&ioas).expect("mock device (CONFIG_IOMMUFD_TEST)");
+    (iommufd, ioas, dev)
+}
+
+/// A buffer of `pages` pages, touched so its pages exist, and its address.
+fn buffer(pages: u64) -> (DmaBuffer, *const u8) {
+    let mut buffer = DmaBuffer::new((pages * page()) as usize).unwrap();
+    for (i, chunk) in buffer.as_mut_slice().chunks_mut(page_size()).enumerate() {
+        chunk.fill(i as u8 + 1);
+    }
+    let va = buffer.as_slice().as_ptr();
+    (buffer, va)
+}
+
+#[track_caller]
+fn errno_of<T: std::fmt::Debug>(r: iommufd::Result<T>) -> Errno {
+    match r {
+        Err(e) => e.errno().unwrap_or_else(|| panic!("expected a kernel error, got {e}")),
+        Ok(v) => panic!("expected a kernel error, got Ok({v:?})"),
+    }
+}
+
+/// Leaks a mapping of `pages` pages at `iova`: an ordinary kernel area that `unmap_range` may remove.
+fn leaked_area(ioas: &Ioas, iova: u64, pages: u64) -> (u64, *const u8) {
+    let (buf, va) = buffer(pages);
+    let range = ioas.map(buf, Iova::Fixed(iova), Access::READ_WRITE).unwrap().leak();
+    (range.start, va)
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn unmap_range_removes_only_fully_contained_areas() {
+    let (iommufd, ioas, dev) = mock_ioas();
+    let p = page();
+    let base = testing::APERTURE.start + 4 * p;
+    let areas: Vec<(u64, *const u8)> = (0..4).map(|i| leaked_area(&ioas, base + i * 16 * p, 8)).collect();
+    let all_there = |n: usize| {
+        for &(iova, va) in &areas[4 - n..] {
+            testing::check_map(&iommufd, dev.hwpt_id(), iova, va, (8 * p) as usize).unwrap();
+        }
+    };
+
+    // A range that sticks out of the first area, or of the last: ENOENT, nothing unmapped.
+    assert_eq!(errno_of(ioas.unmap_range(base - 4 * p, 8 * p)), Errno::NOENT);
+    assert_eq!(errno_of(ioas.unmap_range(base + 3 * 16 * p + 4 * p, 8 * p)), Errno::NOENT);
+    all_there(4);
+    // A range inside one area: IOMMU_IOAS_UNMAP never splits an area.
+    assert_eq!(errno_of(ioas.unmap_range(base + p, p)), Errno::NOENT);
+    all_there(4);
+
+    // A range that takes the first area whole and ends inside the second: the kernel walks the areas
+    // in IOVA order, unmaps the first, then stops with ENOENT at the second. The first is gone.
+    assert_eq!(errno_of(ioas.unmap_range(base, 16 * p + 4 * p)), Errno::NOENT);
+    let access = MockAccess::new(&ioas).unwrap();
+    assert_eq!(errno_of(access.read(base, &mut [0u8; 1])), Errno::NOENT, "the first area was unmapped");
+    all_there(3);
+
+    // Gaps around fully contained areas do not matter: everything inside goes, and the length says so.
+    let unmapped = ioas.unmap_range(base - 4 * p, 3 * 16 * p + 8 * p + 4 * p).unwrap();
+    assert_eq!(unmapped, 3 * 8 * p);
+    for &(iova, _) in &areas {
+        assert_eq!(errno_of(access.read(iova, &mut [0u8; 1])), Errno::NOENT);
+    }
+    // Nothing left to unmap in the range: ENOENT, not a zero-length success.
+    assert_eq!(errno_of(ioas.unmap_range(base - 4 * p, 64 * p)), Errno::NOENT);
+    // unmap_all of an empty IOAS succeeds with zero bytes.
+    assert_eq!(ioas.unmap_all().unwrap(), 0);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn automatic_iova_alignment_follows_length_and_address() {
+    let (iommufd, ioas, dev) = mock_ioas();
+    let p = page();
+    let file = File::new(16, false);
+    let mut mappings = Vec::new();
+    let mut files: Vec<Mapping<FileMemory>> = Vec::new();
+    for pages in 1..=10u64 {
+        let len = pages * p;
+        let (buf, va) = buffer(pages);
+        let m = ioas.map(buf, Iova::Auto, Access::READ_WRITE).unwrap();
+        // The kernel keeps the alignment of the user address, up to the length rounded up to a power
+        // of two (and HPAGE_SIZE): at least the lowest set bit of the length, as its selftest checks.
+        let expect = len.next_power_of_two().min(1 << (va as u64).trailing_zeros()).min(HPAGE);
+        assert_eq!(m.iova() % expect, 0, "{pages} pages at {:#x} (va {va:p})", m.iova());
+        assert_eq!(m.iova() % (1 << len.trailing_zeros()), 0);
+        assert!(testing::APERTURE.contains(&m.range()), "{:#x?} is outside the aperture", m.range());
+        testing::check_map(&iommufd, dev.hwpt_id(), m.iova(), va, len as usize).unwrap();
+        mappings.push(m);
+
+        // A file mapped from offset 0 has no address to follow: the length rounded up decides.
+        let f = ioas.map_file(file.fd.as_fd(), 0, len, Iova::Auto, Access::READ).unwrap();
+        assert_eq!(f.iova() % len.next_power_of_two(), 0, "file {pages} pages at {:#x}", f.iova());
+        testing::check_map(&iommufd, dev.hwpt_id(), f.iova(), file.va, len as usize).unwrap();
+        files.push(f);
+    }
+    drop(files);
+    drop(mappings);
+
+    // Placement avoids a reserved range.
+    let reserved = IovaRange::from_len(testing::APERTURE.start + 4 * p, 100 * p).unwrap();
+    testing::add_reserved(&ioas, reserved).unwrap();
+    let mut mappings = Vec::new();
+    for pages in 1..=10u64 {
+        let m = ioas.map(buffer(pages).0, Iova::Auto, Access::READ_WRITE).unwrap();
+        assert!(!m.range().overlaps(&reserved), "{:#x?} overlaps the reserved {reserved:#x?}", m.range());
+        mappings.push(m);
+    }
+    drop(mappings);
+
+    // An allowed range may not intersect a reserved one; one that does not confines placement.
+    let overlapping =
+        IovaRange { start: testing::APERTURE.start + p, last: testing::APERTURE.start + 600 * p - 1 };
+    assert_eq!(errno_of(ioas.allow_iovas(&[overlapping])), Errno::ADDRINUSE);
+    let allowed = IovaRange { start: reserved.last + 1 + p, last: reserved.last + 600 * p };
+    ioas.allow_iovas(&[allowed]).unwrap();
+    let mut mappings = Vec::new();
+    for pages in 1..=10u64 {
+        let m = ioas.map(buffer(pages).0, Iova::Auto, Access::READ_WRITE).unwrap();
+        assert!(allowed.contains(&m.range()), "{:#x?} is outside the allowed {allowed:#x?}", m.range());
+        mappings.push(m);
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn allowed_and_reserved_ranges_exclude_each_other() {
+    let (_iommufd, ioas, _dev) = mock_ioas();
+    let p = page();
+    let base = testing::APERTURE.start;
+    let allowed = IovaRange { start: base, last: base + 600 * p };
+    let inside = IovaRange { start: base + p, last: base + 2 * p - 1 };
+
+    // A reservation inside an allowed range is refused; once the restriction is lifted it works.
+    ioas.allow_iovas(&[allowed]).unwrap();
+    assert_eq!(errno_of(testing::add_reserved(&ioas, inside)), Errno::ADDRINUSE);
+    ioas.allow_iovas(&[]).unwrap();
+    testing::add_reserved(&ioas, inside).unwrap();
+    // And now the allowed range is refused, because it intersects the reservation.
+    assert_eq!(errno_of(ioas.allow_iovas(&[allowed])), Errno::ADDRINUSE);
+    // The reservation shows in the usable ranges.
+    let ranges = ioas.iova_ranges().unwrap().ranges;
+    assert_eq!(
+        ranges,
+        vec![
+            IovaRange { start: base, last: inside.start - 1 },
+            IovaRange { start: inside.last + 1, last: testing::APERTURE.last }
+        ]
+    );
+    // Nothing maps into a reserved range, even at a fixed IOVA (EINVAL, not EEXIST).
+    assert_eq!(errno_of(ioas.map(buffer(1).0, Iova::Fixed(inside.start), Access::READ)), Errno::INVAL);
+    // A reservation over a mapping is refused.
+    let m = ioas.map(buffer(1).0, Iova::Fixed(base + 8 * p), Access::READ).unwrap();
+    assert_eq!(errno_of(testing::add_reserved(&ioas, m.range())), Errno::ADDRINUSE);
+
+    // Allowed ranges restrict only automatic placement: a fixed mapping outside them works.
+    let elsewhere = IovaRange { start: base + 100 * p, last: base + 200 * p - 1 };
+    ioas.allow_iovas(&[elsewhere]).unwrap();
+    let fixed = ioas.map(buffer(1).0, Iova::Fixed(base + 300 * p), Access::READ).unwrap();
+    assert!(!elsewhere.contains(&fixed.range()));
+    // Overlapping allowed ranges, and a single-IOVA range, are invalid.
+    let a = IovaRange { start: base + 10 * p, last: base + 20 * p - 1 };
+    let b = IovaRange { start: base + 15 * p, last: base + 30 * p - 1 };
+    assert_eq!(errno_of(ioas.allow_iovas(&[a, b])), Errno::INVAL);
+    let single = IovaRange { start: base + 10 * p, last: base + 10 * p };
+    let r = ioas.allow_iovas(&[single]);
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { .. }))
+            || r.as_ref().err().and_then(Error::errno) == Some(Errno::INVAL),
+        "a single-IOVA allowed range: {r:?}"
+    );
+    // Ranges outside the aperture hit the domain's reservations.
+    assert_eq!(errno_of(ioas.allow_iovas(&[IovaRange { start: 0x1000, last: 0x1fff }])), Errno::ADDRINUSE);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn huge_page_option_changes_the_iova_alignment() {
+    let p = page();
+    let iommufd = Iommufd::open().unwrap();
+
+    // Without a domain the IOAS needs no alignment; disabling huge pages makes it PAGE_SIZE, and
+    // works with mappings present (they are page aligned).
+    let ioas = iommufd.alloc_ioas().unwrap();
+    assert!(ioas.huge_pages().unwrap());
+    assert_eq!(ioas.iova_ranges().unwrap().alignment, 1);
+    let m = ioas.map(buffer(1).0, Iova::Fixed(testing::APERTURE.start), Access::READ).unwrap();
+    ioas.set_huge_pages(false).unwrap();
+    assert!(!ioas.huge_pages().unwrap());
+    assert_eq!(ioas.iova_ranges().unwrap().alignment, p);
+    ioas.set_huge_pages(true).unwrap();
+    assert_eq!(ioas.iova_ranges().unwrap().alignment, 1);
+    drop(m);
+
+    // With a mock domain (2 KiB pages) the alignment is the domain's smallest page; disabling huge
+    // pages raises it to PAGE_SIZE, but only while the IOAS has no mapping.
+    let (_iommufd, ioas, _dev) = mock_ioas();
+    assert_eq!(ioas.iova_ranges().unwrap().alignment, testing::PAGE_SIZE);
+    let m = ioas.map(buffer(1).0, Iova::Auto, Access::READ).unwrap();
+    assert_eq!(errno_of(ioas.set_huge_pages(false)), Errno::INVAL);
+    assert!(ioas.huge_pages().unwrap());
+    // Enabling (already enabled) always works.
+    ioas.set_huge_pages(true).unwrap();
+    closed(m.unmap()).unwrap();
+    ioas.set_huge_pages(false).unwrap();
+    assert_eq!(ioas.iova_ranges().unwrap().alignment, p);
+    // Disabling twice is fine, even with a mapping now.
+    let m = ioas.map(buffer(1).0, Iova::Auto, Access::READ).unwrap();
+    ioas.set_huge_pages(false).unwrap();
+    // Enabling again with a mapping present works and lowers the alignment back.
+    ioas.set_huge_pages(true).unwrap();
+    assert_eq!(ioas.iova_ranges().unwrap().alignment, testing::PAGE_SIZE);
+    drop(m);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn iova_allocation_for_odd_lengths() {
+    let (iommufd, ioas, dev) = mock_ioas();
+    let p = page();
+    let file = File::new(32, false);
+    let mut ranges: Vec<IovaRange> = Vec::new();
+    let mut keep: Vec<Mapping<FileMemory>> = Vec::new();
+    let mut keep_buffers = Vec::new();
+    for pages in (1..=17u64).step_by(2) {
+        let len = pages * p;
+        let f = ioas.map_file(file.fd.as_fd(), 0, len, Iova::Auto, Access::READ_WRITE).unwrap();
+        assert_eq!(f.iova() % len.next_power_of_two(), 0, "{pages} pages at {:#x}", f.iova());
+        testing::check_map(&iommufd, dev.hwpt_id(), f.iova(), file.va, len as usize).unwrap();
+        let (buf, va) = buffer(pages);
+        let m = ioas.map(buf, Iova::Auto, Access::READ_WRITE).unwrap();
+        testing::check_map(&iommufd, dev.hwpt_id(), m.iova(), va, len as usize).unwrap();
+        for r in [f.range(), m.range()] {
+            assert!(ranges.iter().all(|o| !o.overlaps(&r)), "{r:#x?} overlaps one of {ranges:#x?}");
+            ranges.push(r);
+        }
+        keep.push(f);
+        keep_buffers.push(m);
+    }
+    // Lengths that are not whole pages are refused before the ioctl, at any placement.
+    for len in [1, p / 2, p + 1, 3 * p - 1] {
+        for at in [Iova::Auto, Iova::Fixed(testing::APERTURE.start + 512 * p)] {
+            let r = ioas.map_file(file.fd.as_fd(), 0, len, at, Access::READ);
+            assert!(matches!(r, Err(Error::InvalidArgument { .. })), "length {len:#x} at {at:?}: {r:?}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn two_domains_on_one_ioas_hold_the_same_mappings() {
+    let (iommufd, ioas, dev1) = mock_ioas();
+    let p = page();
+    let (buf_a, va_a) = buffer(4);
+    let a = ioas.map(buf_a, Iova::Auto, Access::READ_WRITE).unwrap();
+
+    // A second domain: an explicitly allocated HWPT on the same IOAS, with a device on it. It is
+    // filled with what the IOAS already maps.
+    let hwpt = Hwpt::alloc(&dev1, &ioas, HwptFlags::empty()).unwrap();
+    let dev2 = MockDevice::new(&hwpt).unwrap();
+    assert_ne!(dev1.hwpt_id(), dev2.hwpt_id());
+    let domains = [dev1.hwpt_id(), dev2.hwpt_id()];
+    for d in domains {
+        testing::check_map(&iommufd, d, a.iova(), va_a, (4 * p) as usize).unwrap();
+    }
+    // A device attached to the IOAS itself shares the existing automatic domain.
+    let dev3 = MockDevice::new(&ioas).unwrap();
+    assert_eq!(dev3.hwpt_id(), dev1.hwpt_id(), "a compatible automatic domain is reused");
+
+    // New mappings go into both; the pages are pinned once however many domains map them.
+    let (buf_b, va_b) = buffer(2);
+    let b = ioas.map(buf_b, Iova::Auto, Access::READ).unwrap();
+    for d in domains {
+        testing::check_map(&iommufd, d, b.iova(), va_b, (2 * p) as usize).unwrap();
+    }
+    testing::check_refs(&iommufd, va_a, (4 * p) as usize, 1).unwrap();
+
+    // An unmap leaves both.
+    let (a_iova, b_iova) = (a.iova(), b.iova());
+    let buf_a = closed(a.unmap()).unwrap().expect("the buffer comes back");
+    for d in domains {
+        assert_eq!(errno_of(testing::check_map(&iommufd, d, a_iova, va_a, (4 * p) as usize)), Errno::INVAL);
+        testing::check_map(&iommufd, d, b_iova, va_b, (2 * p) as usize).unwrap();
+    }
+    testing::check_refs(&iommufd, va_a, (4 * p) as usize, 0).unwrap();
+    drop(buf_a);
+
+    // Removing the second domain leaves the first intact.
+    closed(dev2.close()).unwrap();
+    drop(hwpt);
+    testing::check_map(&iommufd, dev1.hwpt_id(), b_iova, va_b, (2 * p) as usize).unwrap();
+    drop(b);
+    drop(dev3);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn access_pin_and_rw_sweeps() {
+    let (iommufd, ioas, _dev) = mock_ioas();
+    let p = page();
+    let pages = 4u64;
+    let (buf, va) = buffer(pages);
+    let m = ioas.map(buf, Iova::Fixed(testing::APERTURE.start), Access::READ_WRITE).unwrap();
+    let iova = m.iova();
+
+    // Pins of every page count from every start page, checked against the buffer's own pages.
+    let pinning = MockAccess::with_pinning(&ioas).unwrap();
+    let mut pins = 0;
+    for first in 0..pages {
+        for n in 1..=pages - first {
+            let off = first * p;
+            let id = pinning
+                .pin_pages_checked(iova + off, n * p, Access::READ_WRITE, va.wrapping_add(off as usize))
+                .unwrap_or_else(|e| panic!("pin {n} pages from page {first}: {e}"));
+            pinning.unpin_pages(id).unwrap();
+            pins += 1;
+        }
+    }
+    assert_eq!(pins, pages * (pages + 1) / 2);
+    // A pin past the mapping, or of nothing mapped, fails.
+    assert!(pinning.pin_pages(iova + (pages - 1) * p, 2 * p, Access::READ).is_err());
+    assert!(pinning.pin_pages(iova + pages * p, p, Access::READ).is_err());
+
+    // Byte copies at offsets and lengths around page boundaries, through both kernel paths, checked
+    // from the mapping's side in both directions.
+    let mut access = MockAccess::new(&ioas).unwrap();
+    let total = (pages * p) as usize;
+    let ps = page_size();
+    let offsets = [0, 1, ps - 1, ps, ps + 1, 2 * ps - 3];
+    let lengths = [1, 2, 3, ps - 1, ps, ps + 1, 2 * ps + 5];
+    let mut sweeps = 0;
+    for slow in [false, true] {
+        access.set_slow_path(slow);
+        for &off in &offsets {
+            for &len in &lengths {
+                if off + len > total {
+                    continue;
+                }
+                let data: Vec<u8> = (0..len).map(|i| (i * 7 + off + len + slow as usize) as u8).collect();
+                access.write(iova + off as u64, &data).unwrap();
+                let mut seen = vec![0u8; len];
+                m.read_at(off, &mut seen).unwrap();
+                assert_eq!(seen, data, "access write at {off:#x}+{len:#x} (slow {slow})");
+                let back: Vec<u8> = data.iter().map(|b| !b).collect();
+                m.write_at(off, &back).unwrap();
+                let mut read = vec![0u8; len];
+                access.read(iova + off as u64, &mut read).unwrap();
+                assert_eq!(read, back, "access read at {off:#x}+{len:#x} (slow {slow})");
+                sweeps += 1;
+            }
+        }
+    }
+    assert!(sweeps > 60, "{sweeps} copies");
+    // A copy that runs past the mapping fails without copying a byte beyond it.
+    assert!(access.read(iova + (pages * p) - 1, &mut [0u8; 2]).is_err());
+
+    // Unmapping a range an access has pinned: the kernel asks the access to unpin first, so the unmap
+    // succeeds and the pin is gone.
+    let id = pinning.pin_pages(iova, pages * p, Access::READ_WRITE).unwrap();
+    let buf = closed(m.unmap()).unwrap().expect("the buffer comes back");
+    assert_eq!(errno_of(pinning.unpin_pages(id)), Errno::NOENT);
+    testing::check_refs(&iommufd, va, total, 0).unwrap();
+    drop(buf);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST and hugetlb pages: run by cargo xtask vm-test"]
+fn huge_page_backed_mappings_translate_whole() {
+    let (iommufd, ioas, dev) = mock_ioas();
+    // A hugetlbfs memfd of one 2 MiB page (the VM reserves huge pages at boot).
+    let file = File::new(HPAGE / page(), true);
+    let f = ioas.map_file(file.fd.as_fd(), 0, HPAGE, Iova::Auto, Access::READ_WRITE).unwrap();
+    // Offset 0 and a 2 MiB length: placed on a 2 MiB boundary, so the domain can use a huge IOPTE.
+    assert_eq!(f.iova() % HPAGE, 0, "{:#x}", f.iova());
+    testing::check_map(&iommufd, dev.hwpt_id(), f.iova(), file.va, HPAGE as usize).unwrap();
+    // A copy of it is placed the same way and translates to the same memory.
+    let c = ioas.copy(&f, Iova::Auto, Access::READ).unwrap();
+    assert_eq!(c.iova() % HPAGE, 0);
+    testing::check_map(&iommufd, dev.hwpt_id(), c.iova(), file.va, HPAGE as usize).unwrap();
+    // An emulated device reaches the last byte of the huge page through either.
+    let access = MockAccess::new(&ioas).unwrap();
+    access.write(f.iova() + HPAGE - 1, &[0x77]).unwrap();
+    let mut b = [0u8; 1];
+    access.read(c.iova() + HPAGE - 1, &mut b).unwrap();
+    assert_eq!(b[0], 0x77);
+    // SAFETY: the byte is inside the shared mapping of the memfd, which stays mapped until `file` drops.
+    assert_eq!(unsafe { file.va.add(HPAGE as usize - 1).read_volatile() }, 0x77);
+    drop(access);
+    drop(c);
+    closed(f.unmap()).unwrap();
+
+    // A part of the huge page (from an offset inside it) maps at page granularity.
+    let part = ioas.map_file(file.fd.as_fd(), 4 * page(), 8 * page(), Iova::Auto, Access::READ).unwrap();
+    testing::check_map(
+        &iommufd,
+        dev.hwpt_id(),
+        part.iova(),
+        file.va.wrapping_add(4 * page_size()),
+        8 * page_size(),
+    )
+    .unwrap();
+    drop(part);
+
+    // Transparent huge pages behind a 4 MiB buffer: whatever the kernel backs it with, the domain
+    // translates every page to it, and placement follows the buffer's address alignment.
+    let (buf, va) = buffer(2 * HPAGE / page());
+    let m = ioas.map(buf, Iova::Auto, Access::READ_WRITE).unwrap();
+    let expect = (2 * HPAGE).min(1 << (va as u64).trailing_zeros()).min(HPAGE);
+    assert_eq!(m.iova() % expect, 0, "{:#x} for va {va:p}", m.iova());
+    testing::check_map(&iommufd, dev.hwpt_id(), m.iova(), va, 2 * HPAGE as usize).unwrap();
+    drop(m);
+    testing::check_refs(&iommufd, file.va, HPAGE as usize, 0).unwrap();
 }
