@@ -217,6 +217,13 @@ impl Drop for FailNth {
     }
 }
 
+/// Writes a line straight to stderr, past the test harness's output capture, so it shows in the VM
+/// console for passing tests too.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn describe(e: &Error) -> String {
     format!("{e} [{e:?}]")
 }
@@ -531,13 +538,13 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
     let problems = check_after(&mut run, &env, &fds_before);
     assert!(problems.is_empty(), "{name}: after the clean rerun: {problems:#?}");
 
-    eprintln!(
+    report(&format!(
         "fail-nth {name}: {points} injection points (first clean run at n = {first_clean}) in {:.1} s; \
          faults absorbed by the kernel or SDK: {recovered}",
         started.elapsed().as_secs_f64()
-    );
-    eprintln!("fail-nth {name}: faults by call: {by_call:?}");
-    eprintln!("fail-nth {name}: errors returned: {by_error:?}");
+    ));
+    report(&format!("fail-nth {name}: faults by call: {by_call:?}"));
+    report(&format!("fail-nth {name}: errors returned: {by_error:?}"));
     assert!(points > min_points, "{name}: only {points} injection points (expected more than {min_points})");
     points
 }
