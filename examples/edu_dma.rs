@@ -85,8 +85,8 @@ fn main() -> iommufd::Result<()> {
     dma(&bar, EDU_BUF, 0x50_0000, 4096, true)?;
     let mut src_bytes = vec![0u8; 4096];
     src_bytes[..message.len()].copy_from_slice(message);
-    assert_eq!(src.to_vec(), src_bytes, "a blocked DMA changed the source buffer");
-    assert!(dst.to_vec().iter().all(|&b| b == 0), "a blocked DMA changed the destination buffer");
+    assert_eq!(src.to_vec()?, src_bytes, "a blocked DMA changed the source buffer");
+    assert!(dst.to_vec()?.iter().all(|&b| b == 0), "a blocked DMA changed the destination buffer");
     println!(
         "   the DMA completed from the device's view, but no buffer changed (the kernel logs a DMAR fault)."
     );

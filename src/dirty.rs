@@ -43,7 +43,24 @@ const GET_BITMAP: &str = "IOMMU_HWPT_GET_DIRTY_BITMAP";
 /// the range: the unmap discards the entries (and their dirty bits) anyway, so clearing would be wasted
 /// work, but the bits must be read first or the writes they record are lost.
 ///
-/// Reads are for mapped ranges: parts of the range with no mapping report nothing.
+/// # Choosing the windows
+///
+/// The kernel reports dirtiness per IOMMU page-table entry, and the IOAS maps physically contiguous
+/// memory with huge entries (2 MiB, 1 GiB) unless [`Ioas::set_huge_pages`](crate::Ioas::set_huge_pages)
+/// turned them off before a device was attached. For a read of the window `[iova, iova + length)`:
+///
+/// - A dirty entry is reported whole: every page of it inside the window is dirty, even if the device
+///   wrote one byte. Its bits past the window are dropped (the bitmap's buffer has room for them).
+/// - An entry that **begins before** the window's start is not reported at all: the kernel sets no
+///   bit before the window's first page, and drops the whole entry. With `clear` its dirty bit is
+///   cleared all the same, so that write is lost to every later read.
+/// - The kernel walks the mappings from the window's start and stops, still reporting success, at
+///   the first IOVA that is not mapped: a window that begins in unmapped space reports nothing, and
+///   one with a hole reports nothing past the hole.
+///
+/// So read whole mappings ([`Mapping::range`](crate::Mapping::range) of each, or runs of adjacent
+/// ones), or windows that begin where a mapping begins or at a multiple of the largest IOMMU page the
+/// IOAS may use; windows may end anywhere.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
     iova: u64,
@@ -51,7 +68,7 @@ pub struct DirtyBitmap {
     page_size: u64,
     /// Number of valid bits: `length / page_size`.
     pages: u64,
-    words: Vec<u64>,
+    buf: KernelBitmap,
 }
 
 impl std::fmt::Debug for DirtyBitmap {
@@ -70,14 +87,17 @@ impl DirtyBitmap {
     ///
     /// `page_size` must be a power of two (the kernel takes it as a shift), and `iova` and `length` its
     /// multiples; `length` must be non-zero and the range must not wrap. The kernel additionally wants
-    /// `iova` and `length` aligned to the IOAS's IOVA alignment (`EINVAL` otherwise). The bitmap takes
-    /// `length / page_size / 8` bytes, rounded up to whole `u64`s.
+    /// `iova` and `length` aligned to the IOAS's IOVA alignment (`EINVAL` otherwise).
+    ///
+    /// The bitmap proper takes `length / page_size / 8` bytes, rounded up to whole `u64`s; the buffer
+    /// holding it is that rounded up to whole pages, plus three pages. The kernel records a dirty huge
+    /// IOMMU page (2 MiB, 1 GiB) as a whole and so may set bits past the requested length, as far as
+    /// the end of the bitmap pages it pinned: the buffer has room for all of them (they are dropped;
+    /// only the requested range is reported).
     pub fn new(iova: u64, length: u64, page_size: u64) -> Result<DirtyBitmap> {
         let words = bitmap_words(iova, length, page_size)?;
-        let mut v = Vec::new();
-        v.try_reserve_exact(words).map_err(|_| Error::os("allocate the dirty bitmap", Errno::NOMEM))?;
-        v.resize(words, 0);
-        Ok(DirtyBitmap { iova, length, page_size, pages: length / page_size, words: v })
+        let buf = KernelBitmap::new(GET_BITMAP, words)?;
+        Ok(DirtyBitmap { iova, length, page_size, pages: length / page_size, buf })
     }
 
     /// The IOVA range covered.
@@ -99,9 +119,10 @@ impl DirtyBitmap {
     /// The number of dirty pages.
     pub fn dirty_pages(&self) -> u64 {
         let (full, rest) = ((self.pages / 64) as usize, self.pages % 64);
-        let mut n: u64 = self.words[..full].iter().map(|w| u64::from(w.count_ones())).sum();
+        let words = self.buf.words();
+        let mut n: u64 = words[..full].iter().map(|w| u64::from(w.count_ones())).sum();
         if rest != 0 {
-            n += u64::from((self.words[full] & ((1u64 << rest) - 1)).count_ones());
+            n += u64::from((words[full] & ((1u64 << rest) - 1)).count_ones());
         }
         n
     }
@@ -117,7 +138,7 @@ impl DirtyBitmap {
             return false;
         }
         let bit = (iova - self.iova) / self.page_size;
-        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+        self.buf.words()[(bit / 64) as usize] & (1 << (bit % 64)) != 0
     }
 
     /// The dirty IOVA ranges, in order, with adjacent dirty pages merged into one range.
@@ -125,14 +146,20 @@ impl DirtyBitmap {
         DirtyRanges { bitmap: self, next_bit: 0 }
     }
 
-    /// The raw words: bit `i % 64` of word `i / 64` is page `i`.
+    /// The raw words: bit `i % 64` of word `i / 64` is page `i`. Bits past the last page are zero.
     pub fn as_words(&self) -> &[u64] {
-        &self.words
+        self.buf.words()
     }
 
     /// Marks every page clean.
     pub fn clear(&mut self) {
-        self.words.fill(0);
+        self.buf.reset();
+    }
+
+    /// The whole buffer the kernel may write and the guard page after it.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn kernel_buffer(&self) -> (&[u64], &[u64]) {
+        (self.buf.span(), self.buf.guard())
     }
 
     /// Index of the first bit at or after `from` that is set (`set`) or clear (`!set`), or
@@ -141,7 +168,7 @@ impl DirtyBitmap {
         let mut i = from;
         while i < self.pages {
             let w = (i / 64) as usize;
-            let word = if set { self.words[w] } else { !self.words[w] };
+            let word = if set { self.buf.words()[w] } else { !self.buf.words()[w] };
             let word = word & (!0u64 << (i % 64));
             if word != 0 {
                 return (w as u64 * 64 + u64::from(word.trailing_zeros())).min(self.pages);
@@ -151,6 +178,142 @@ impl DirtyBitmap {
         self.pages
     }
 }
+
+/// The buffer handed to the kernel for a dirty bitmap (`IOMMU_HWPT_GET_DIRTY_BITMAP`, and
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`, which share the kernel's `iova_bitmap` code): `words`
+/// `u64`s of bitmap, page-aligned, followed by all the room the kernel may write past them, then a
+/// guard page.
+///
+/// The kernel records a dirty page-table entry as a whole (`iova_bitmap_set` of the entry's start
+/// and size), so a dirty 2 MiB or 1 GiB IOPTE that reaches past the requested length sets bits past
+/// the bitmap's last word. Those writes are bounded by the user pages the kernel pinned for the
+/// bitmap, not by the IOPTE size: `iova_bitmap_set` writes only into pinned pages and gives up on
+/// bits past them. `iova_bitmap_get` pins, for a base word index `i < words`, the pages from the one
+/// holding word `i` on, `ceil((words - i) * 8 / PAGE_SIZE)` of them plus one more when word `i` is
+/// not at a page start. From a page-aligned buffer that ends at most at page
+/// `ceil(i * 8 / PAGE_SIZE) + ceil((words - i) * 8 / PAGE_SIZE)`, which is at most
+/// `ceil(words * 8 / PAGE_SIZE) + 1`: so the kernel may write [`span`](Self::span) bytes, that many
+/// whole pages. Bits before word 0 are never written (an entry starting before the requested IOVA
+/// fails `iova_bitmap_advance_to` and is dropped).
+///
+/// The guard page after the span is never pinned by the kernel; it is checked after every call, so
+/// that a kernel writing further than the bound above is reported (as [`Error::Protocol`]) while its
+/// writes still land in memory this buffer owns.
+pub(crate) struct KernelBitmap {
+    /// The allocation: alignment slack, then `span` bytes, then the guard page.
+    buf: Vec<u64>,
+    /// Index in `buf` of word 0 (page-aligned).
+    start: usize,
+    /// Words of bitmap proper.
+    words: usize,
+    /// Words the kernel may write from `start` on (whole pages).
+    span: usize,
+    /// Words in the guard page after the span (and in a page).
+    guard: usize,
+}
+
+impl KernelBitmap {
+    /// A zeroed buffer for a `words`-word bitmap (`words > 0`).
+    pub(crate) fn new(op: &'static str, words: usize) -> Result<KernelBitmap> {
+        Self::with_page_size(op, words, crate::dma::page_size())
+    }
+
+    fn with_page_size(op: &'static str, words: usize, page: usize) -> Result<KernelBitmap> {
+        let too_big = || Error::invalid(op, format!("a {words}-word bitmap does not fit in memory"));
+        if words == 0 || page < 8 || !page.is_power_of_two() {
+            return Err(Error::invalid(op, "empty bitmap"));
+        }
+        let page_words = page / 8;
+        let span = words.div_ceil(page_words).checked_add(1).and_then(|p| p.checked_mul(page_words));
+        let span = span.ok_or_else(too_big)?;
+        // Slack to reach a page boundary from the allocation's (8-byte aligned) start, and the guard.
+        let total = span.checked_add(2 * page_words).ok_or_else(too_big)?;
+        if total.checked_mul(8).is_none_or(|b| b > isize::MAX as usize) {
+            return Err(too_big());
+        }
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(total).map_err(|_| Error::os(op, Errno::NOMEM))?;
+        buf.resize(total, 0);
+        let start = aligned_start(&buf, page);
+        Ok(KernelBitmap { buf, start, words, span, guard: page_words })
+    }
+
+    /// The bitmap proper.
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.buf[self.start..self.start + self.words]
+    }
+
+    pub(crate) fn words_mut(&mut self) -> &mut [u64] {
+        let (start, words) = (self.start, self.words);
+        &mut self.buf[start..start + words]
+    }
+
+    /// Everything the kernel may write: the bitmap and the room after it.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn span(&self) -> &[u64] {
+        &self.buf[self.start..self.start + self.span]
+    }
+
+    /// The guard page after the span (all zero unless the kernel wrote past its bound).
+    pub(crate) fn guard(&self) -> &[u64] {
+        &self.buf[self.start + self.span..self.start + self.span + self.guard]
+    }
+
+    /// Zeroes everything the kernel may write, before a call (the kernel only sets bits).
+    pub(crate) fn reset(&mut self) {
+        let (start, span) = (self.start, self.span);
+        self.buf[start..start + span].fill(0);
+    }
+
+    /// The address of word 0 for the kernel. Valid while `self` is neither moved nor resized: the
+    /// `Vec`'s heap block does not move with `self`.
+    pub(crate) fn kernel_ptr(&mut self) -> u64 {
+        self.buf[self.start..].as_mut_ptr() as u64
+    }
+
+    /// After a kernel call: checks the guard page and clears the bits at and past `valid_bits` in the
+    /// last word, so that the words hold only the requested range.
+    pub(crate) fn finish(&mut self, op: &'static str, valid_bits: u64) -> Result<()> {
+        if self.guard().iter().any(|&w| w != 0) {
+            let detail = "the kernel wrote past the room it may use after the dirty bitmap".to_string();
+            let (start, span, guard) = (self.start, self.span, self.guard);
+            self.buf[start + span..start + span + guard].fill(0);
+            return Err(Error::Protocol { op, detail });
+        }
+        let rest = valid_bits % 64;
+        if rest != 0 {
+            if let Some(last) = self.words_mut().last_mut() {
+                *last &= (1u64 << rest) - 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Index of the first page-aligned word of `buf` (less than a page in: `buf`'s elements are `u64`s).
+fn aligned_start(buf: &[u64], page: usize) -> usize {
+    (page - buf.as_ptr() as usize % page) % page / 8
+}
+
+impl Clone for KernelBitmap {
+    fn clone(&self) -> KernelBitmap {
+        // A copy of the `Vec` would not keep the page alignment: lay the words out in a fresh buffer
+        // of the same size (which has the same slack). Like `Vec::clone`, this aborts if the
+        // allocation fails.
+        let mut buf = vec![0u64; self.buf.len()];
+        let start = aligned_start(&buf, self.guard * 8);
+        buf[start..start + self.words].copy_from_slice(self.words());
+        KernelBitmap { buf, start, ..*self }
+    }
+}
+
+impl PartialEq for KernelBitmap {
+    fn eq(&self, other: &KernelBitmap) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for KernelBitmap {}
 
 /// Validates a bitmap request and returns how many `u64` words its bitmap takes.
 fn bitmap_words(iova: u64, length: u64, page_size: u64) -> Result<usize> {
@@ -242,9 +405,11 @@ impl Hwpt {
     /// (without it, `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`: read only, for a range about to be
     /// unmapped).
     ///
-    /// See [`DirtyBitmap::new`] for the constraints on the range, checked before the ioctl, and the
-    /// [read-and-clear protocol](DirtyBitmap#migration-the-read-and-clear-protocol) for migration. Use
-    /// [`read_dirty_into`](Self::read_dirty_into) to reuse one bitmap across rounds.
+    /// See [`DirtyBitmap::new`] for the constraints on the range, checked before the ioctl, the
+    /// [read-and-clear protocol](DirtyBitmap#migration-the-read-and-clear-protocol) for migration, and
+    /// [how to choose the windows](DirtyBitmap#choosing-the-windows): a window that begins inside a
+    /// dirty huge IOMMU page misses it. Use [`read_dirty_into`](Self::read_dirty_into) to reuse one
+    /// bitmap across rounds.
     pub fn read_dirty(&self, iova: u64, length: u64, page_size: u64, clear: bool) -> Result<DirtyBitmap> {
         self.check_dirty_capable(GET_BITMAP)?;
         let mut bitmap = DirtyBitmap::new(iova, length, page_size)?;
@@ -256,7 +421,7 @@ impl Hwpt {
     /// which is cleared first: afterwards it holds exactly this read's dirty pages.
     pub fn read_dirty_into(&self, bitmap: &mut DirtyBitmap, clear: bool) -> Result<()> {
         self.check_dirty_capable(GET_BITMAP)?;
-        // The kernel only sets bits: start from a clean bitmap.
+        // The kernel only sets bits: start from a clean buffer.
         bitmap.clear();
         let mut arg = sys::iommu_hwpt_get_dirty_bitmap::new();
         arg.hwpt_id = self.id();
@@ -264,13 +429,16 @@ impl Hwpt {
         arg.iova = bitmap.iova;
         arg.length = bitmap.length;
         arg.page_size = bitmap.page_size;
-        arg.data = bitmap.words.as_mut_ptr() as u64;
+        arg.data = bitmap.buf.kernel_ptr();
         // SAFETY: IOMMU_HWPT_GET_DIRTY_BITMAP takes `iommu_hwpt_get_dirty_bitmap`, sized by `new()`. Its
-        // one user pointer, `data`, addresses the bitmap's `ceil(length / page_size / 64)` u64 words,
-        // exactly the words the kernel may write for this iova/length/page_size (`DirtyBitmap::new`
-        // sized them and checked page_size is a power of two, the shift the kernel uses); they are
-        // exclusively borrowed through `bitmap` for the call, and nothing else points into them.
-        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::HWPT_GET_DIRTY_BITMAP, &mut arg) }.map(drop)
+        // one user pointer, `data`, addresses the page-aligned start of `bitmap.buf`, whose span covers
+        // every byte the kernel may write for this iova/length/page_size: the
+        // `ceil(length / page_size / 64)` words and the rest of the pages the kernel pins for them,
+        // where a dirty huge IOPTE reaching past `length` sets its bits (see `KernelBitmap`).
+        // `DirtyBitmap::new` checked page_size is a power of two, the shift the kernel uses. The buffer
+        // is exclusively borrowed through `bitmap` for the call, and nothing else points into it.
+        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::HWPT_GET_DIRTY_BITMAP, &mut arg) }?;
+        bitmap.buf.finish(GET_BITMAP, bitmap.pages)
     }
 }
 
@@ -281,7 +449,7 @@ mod tests {
     fn bitmap(iova: u64, pages: u64, page_size: u64, dirty: &[u64]) -> DirtyBitmap {
         let mut b = DirtyBitmap::new(iova, pages * page_size, page_size).unwrap();
         for &p in dirty {
-            b.words[(p / 64) as usize] |= 1 << (p % 64);
+            b.buf.words_mut()[(p / 64) as usize] |= 1 << (p % 64);
         }
         b
     }
@@ -405,7 +573,7 @@ mod tests {
     fn bits_past_the_end_are_ignored() {
         // The kernel never sets them, but a stray bit in the last word's tail must not count.
         let mut b = bitmap(0, 10, 4096, &[9]);
-        b.words[0] |= 1 << 10 | 1 << 63;
+        b.buf.words_mut()[0] |= 1 << 10 | 1 << 63;
         assert_eq!(b.dirty_pages(), 1);
         assert_eq!(b.iter_ranges().collect::<Vec<_>>(), vec![r(9 * 4096, 10 * 4096 - 1)]);
         b.clear();

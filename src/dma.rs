@@ -16,8 +16,10 @@
 //!   ([`Ioas::map_file`](crate::Ioas::map_file)), or mapped through the `unsafe`
 //!   [`Ioas::map_user`](crate::Ioas::map_user), whose contract puts the lifetime on the caller.
 
+use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -43,7 +45,7 @@ unsafe impl Sync for Region {}
 
 impl Region {
     fn new(len: usize) -> Result<Region> {
-        use rustix::mm::{Advice, MapFlags, ProtFlags};
+        use rustix::mm::{MapFlags, ProtFlags};
         // SAFETY: a fresh anonymous private mapping at a kernel-chosen address aliases no existing
         // memory; the null hint asks the kernel to choose.
         let ptr = unsafe {
@@ -56,13 +58,11 @@ impl Region {
         }
         .map_err(|e| Error::os("mmap", e))?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Error::os("mmap", rustix::io::Errno::NOMEM))?;
-        let region = Region { ptr, len };
-        // A forked child would share these pages copy-on-write; the parent's next write would move it
-        // to a new page the device cannot see. DONTFORK keeps the pinned pages the parent's.
-        // SAFETY: the range is exactly the mapping just created and owned by `region`.
-        unsafe { rustix::mm::madvise(ptr.as_ptr().cast(), len, Advice::LinuxDontFork) }
-            .map_err(|e| Error::os("madvise(MADV_DONTFORK)", e))?;
-        Ok(region)
+        // No MADV_DONTFORK: at fork() the kernel copies pages that are pinned for DMA into the child
+        // instead of sharing them copy-on-write (`folio_needs_cow_for_dma`, in every kernel that has
+        // iommufd), so the parent keeps exactly the pages the device reaches, and the child gets a
+        // private copy, valid memory behind its copy of every buffer.
+        Ok(Region { ptr, len })
     }
 
     pub(crate) fn addr(&self) -> u64 {
@@ -190,6 +190,30 @@ mod sealed {
     pub trait Sealed {}
 }
 
+/// Memory whose mappings safe code may [copy](crate::Ioas::copy) into another IOVA range: memory the
+/// mapping owns ([`DmaBuffer`], shared by the copies) or that the kernel pins itself ([`FileMemory`]).
+/// Caller-managed memory ([`UserMemory`]) is not: a copy would outlive the `unsafe` contract of
+/// [`Ioas::map_user`](crate::Ioas::map_user), so it is copied with the `unsafe`
+/// [`Ioas::copy_user`](crate::Ioas::copy_user).
+///
+/// Safe code cannot copy a mapping of user memory:
+/// ```compile_fail,E0277
+/// # use iommufd::{Access, Ioas, Iova, Mapping, UserMemory};
+/// fn extend(ioas: &Ioas, user: &Mapping<UserMemory>) -> iommufd::Result<Mapping<UserMemory>> {
+///     ioas.copy(user, Iova::Auto, Access::READ) // error: `UserMemory` is not `Shareable`
+/// }
+/// ```
+/// while the same call on a [`DmaBuffer`] mapping compiles:
+/// ```
+/// # use iommufd::{Access, DmaBuffer, Ioas, Iova, Mapping};
+/// fn share(ioas: &Ioas, buf: &Mapping<DmaBuffer>) -> iommufd::Result<Mapping<DmaBuffer>> {
+///     ioas.copy(buf, Iova::Auto, Access::READ)
+/// }
+/// ```
+pub trait Shareable: Memory {}
+impl Shareable for DmaBuffer {}
+impl Shareable for FileMemory {}
+
 /// What a [`Mapping`](crate::Mapping) keeps alive for as long as an IOVA range refers to it.
 pub trait Memory: sealed::Sealed {
     /// What the mapping holds.
@@ -237,28 +261,111 @@ pub(crate) fn dma_region(buffer: DmaBuffer) -> Arc<Region> {
     Arc::new(buffer.region)
 }
 
-/// Volatile copy out of device-visible memory.
+/// Copy out of device-visible memory, with relaxed atomic loads (8 bytes at a time where aligned).
+///
+/// Atomic rather than volatile: a device, other threads (through `&Mapping` or a copy of it) and this
+/// thread may all access the bytes at once, and only atomic accesses make that well defined. Relaxed
+/// atomics compile to plain loads and stores on every supported architecture.
 ///
 /// # Safety
 ///
-/// `src..src+dst.len()` must be readable memory that stays mapped for the call.
+/// `src..src+dst.len()` must be memory of this process that is readable and writable (the atomic
+/// types require both) and stays mapped for the call, and no Rust reference may cover it.
 pub(crate) unsafe fn copy_from_device(src: *const u8, dst: &mut [u8]) {
-    for (i, d) in dst.iter_mut().enumerate() {
-        // SAFETY: `src + i` is inside the readable range the caller guarantees; volatile because a
-        // device may write it concurrently, outside the compiler's knowledge.
-        *d = unsafe { std::ptr::read_volatile(src.add(i)) };
+    let len = dst.len();
+    let mut i = 0;
+    while i < len {
+        // SAFETY: `src + i` is inside the range the caller guarantees.
+        let p = unsafe { src.add(i) };
+        if (p as usize) % 8 == 0 && len - i >= 8 {
+            // SAFETY: `p` is 8-aligned and `p..p+8` lies inside the caller's read-write range, which
+            // no Rust reference covers, so treating it as an `AtomicU64` for this load is sound.
+            let word = unsafe { AtomicU64::from_ptr(p.cast_mut().cast::<u64>()) }.load(Ordering::Relaxed);
+            dst[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+            i += 8;
+        } else {
+            // SAFETY: `p` is inside the caller's read-write range (any address is aligned for u8).
+            dst[i] = unsafe { AtomicU8::from_ptr(p.cast_mut()) }.load(Ordering::Relaxed);
+            i += 1;
+        }
     }
 }
 
-/// Volatile copy into device-visible memory.
+/// Copy into device-visible memory, with relaxed atomic stores (8 bytes at a time where aligned).
 ///
 /// # Safety
 ///
-/// `dst..dst+src.len()` must be writable memory that stays mapped for the call.
+/// As for [`copy_from_device`]: `dst..dst+src.len()` must be readable and writable memory of this
+/// process that stays mapped for the call, covered by no Rust reference.
 pub(crate) unsafe fn copy_to_device(src: &[u8], dst: *mut u8) {
-    for (i, s) in src.iter().enumerate() {
-        // SAFETY: `dst + i` is inside the writable range the caller guarantees; volatile because a
-        // device may read it concurrently.
-        unsafe { std::ptr::write_volatile(dst.add(i), *s) };
+    let len = src.len();
+    let mut i = 0;
+    while i < len {
+        // SAFETY: `dst + i` is inside the range the caller guarantees.
+        let p = unsafe { dst.add(i) };
+        if (p as usize) % 8 == 0 && len - i >= 8 {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&src[i..i + 8]);
+            // SAFETY: `p` is 8-aligned and `p..p+8` lies inside the caller's read-write range, which
+            // no Rust reference covers, so treating it as an `AtomicU64` for this store is sound.
+            unsafe { AtomicU64::from_ptr(p.cast::<u64>()) }
+                .store(u64::from_ne_bytes(word), Ordering::Relaxed);
+            i += 8;
+        } else {
+            // SAFETY: `p` is inside the caller's read-write range (any address is aligned for u8).
+            unsafe { AtomicU8::from_ptr(p) }.store(src[i], Ordering::Relaxed);
+            i += 1;
+        }
     }
+}
+
+/// Checks that `file` may be mapped with `access` up to byte `end`: the kernel's
+/// `IOMMU_IOAS_MAP_FILE` checks neither the fd's access mode nor its seals, so a device could
+/// otherwise write a file opened read-only or sealed against writes, or read one opened write-only.
+pub(crate) fn check_file_access(
+    op: &'static str,
+    file: BorrowedFd<'_>,
+    access: crate::Access,
+    end: u64,
+) -> Result<()> {
+    use rustix::fs::{OFlags, SealFlags};
+    let flags = rustix::fs::fcntl_getfl(file).map_err(|e| Error::os("fcntl(F_GETFL)", e))?;
+    if flags.contains(OFlags::PATH) {
+        return Err(Error::invalid(op, "the fd is an O_PATH fd, which gives no access to the file"));
+    }
+    let mode = flags & OFlags::RWMODE;
+    let readable = mode == OFlags::RDONLY || mode == OFlags::RDWR;
+    let writable = mode == OFlags::WRONLY || mode == OFlags::RDWR;
+    if access.contains(crate::Access::READ) && !readable {
+        return Err(Error::invalid(op, "Access::READ needs an fd open for reading (it is open write-only)"));
+    }
+    if access.contains(crate::Access::WRITE) {
+        if !writable {
+            return Err(Error::invalid(
+                op,
+                "Access::WRITE needs an fd open for writing (it is open read-only)",
+            ));
+        }
+        // Files that cannot be sealed answer EINVAL: they have no seals.
+        let seals = rustix::fs::fcntl_get_seals(file).unwrap_or(SealFlags::empty());
+        if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
+            return Err(Error::invalid(
+                op,
+                "Access::WRITE on a file sealed against writes (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE)",
+            ));
+        }
+    }
+    let stat = rustix::fs::fstat(file).map_err(|e| Error::os("fstat", e))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile {
+        let size = u64::try_from(stat.st_size).unwrap_or(0);
+        let page = page_size() as u64;
+        let pages_end = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
+        if end > pages_end {
+            return Err(Error::invalid(
+                op,
+                format!("the range ends at {end:#x}, past the end of the {size:#x}-byte file"),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -86,6 +86,19 @@ pub enum Error {
         /// The process that owns the handle.
         owner: u32,
     },
+    /// An operation over several kernel objects failed after it had already changed some of them: an
+    /// unmap of a range that removed `unmapped` bytes of mappings and then failed. The cause is
+    /// [`source`](std::error::Error::source).
+    #[error("{op} failed after unmapping {unmapped:#x} bytes")]
+    PartialUnmap {
+        /// The operation.
+        op: &'static str,
+        /// Bytes already unmapped when it failed.
+        unmapped: u64,
+        /// Why it stopped.
+        #[source]
+        source: Box<Error>,
+    },
     /// The kernel answered with data this crate cannot interpret.
     #[error("{op}: unexpected kernel answer: {detail}")]
     Protocol {
@@ -163,5 +176,64 @@ impl From<Error> for std::io::Error {
             Some(errno) => std::io::Error::new(errno.kind(), e),
             None => std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
         }
+    }
+}
+
+/// A refused explicit close (unmap, destroy, detach) that hands the handle back, so the caller can
+/// retry once the cause is gone (as `std::io::IntoInnerError` does for a writer).
+///
+/// `?` converts it into [`Error`], dropping the handle: its `Drop` then tries once more, best effort,
+/// and logs a failure.
+pub struct CloseError<T> {
+    error: Error,
+    handle: T,
+}
+
+impl<T> CloseError<T> {
+    pub(crate) fn new(error: Error, handle: T) -> Self {
+        CloseError { error, handle }
+    }
+
+    /// Why the close failed.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The handle, still open, for a retry.
+    pub fn into_inner(self) -> T {
+        self.handle
+    }
+
+    /// The error and the handle.
+    pub fn into_parts(self) -> (Error, T) {
+        (self.error, self.handle)
+    }
+}
+
+impl<T> std::fmt::Debug for CloseError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloseError")
+            .field("error", &self.error)
+            .field("handle", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T> std::fmt::Display for CloseError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<T> std::error::Error for CloseError<T> {
+    /// The same as the inner error's: `Display` already prints the inner error itself.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl<T> From<CloseError<T>> for Error {
+    fn from(e: CloseError<T>) -> Error {
+        e.error
     }
 }

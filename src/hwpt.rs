@@ -13,7 +13,7 @@ use std::sync::Arc;
 use iommufd_sys as sys;
 
 use crate::device::IommuDevice;
-use crate::error::{Error, Result};
+use crate::error::{CloseError, Error, Result};
 use crate::ioas::{Ioas, IoasInner};
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
@@ -265,24 +265,23 @@ impl Hwpt {
         self.inner.obj.iommufd()
     }
 
-    /// Destroys the page table now, reporting failure; refused with [`Error::InUse`] while clones,
-    /// attachments or nested tables still refer to it.
+    /// Destroys the page table now (`IOMMU_DESTROY`), reporting failure.
     ///
-    /// Its parent (IOAS, nest parent or vIOMMU) is released only after the kernel destroyed it.
-    pub fn destroy(self) -> Result<()> {
+    /// Refused with [`Error::InUse`] while clones, attachments or nested tables still refer to it. On
+    /// any failure (refused, or the kernel's error) the handle comes back with the error, unchanged:
+    /// try again later, or drop it, which tries again and logs a failure. Its parent (IOAS, nest
+    /// parent or vIOMMU) and fault queue are released only after the kernel destroyed it.
+    pub fn destroy(self) -> std::result::Result<(), CloseError<Hwpt>> {
         match Arc::try_unwrap(self.inner) {
-            Ok(inner) => {
-                let HwptInner { obj, parent, _faults, flags: _ } = inner;
-                let r = obj.destroy();
-                if r.is_err() {
-                    // The kernel still holds a reference on the parent and the fault queue: keep
-                    // their handles too, rather than have them fail (and log) their own destroy.
-                    std::mem::forget(parent);
-                    std::mem::forget(_faults);
-                }
-                r
+            Ok(mut inner) => match inner.obj.try_destroy() {
+                // Dropping `inner` now releases the parent and fault queue (the object is gone).
+                Ok(()) => Ok(()),
+                Err(e) => Err(CloseError::new(e, Hwpt { inner: Arc::new(inner) })),
+            },
+            Err(inner) => {
+                let users = Arc::strong_count(&inner).saturating_sub(1);
+                Err(CloseError::new(Error::InUse { op: "IOMMU_DESTROY", users }, Hwpt { inner }))
             }
-            Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
         }
     }
 

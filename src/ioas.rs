@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use iommufd_sys as sys;
 
-use crate::dma::{self, DmaBuffer, FileMemory, Memory, Region, UserMemory, page_size};
-use crate::error::{Error, Result};
+use crate::dma::{self, DmaBuffer, FileMemory, Memory, Shareable, UserMemory, page_size};
+use crate::error::{CloseError, Error, Result};
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
 use crate::object::Object;
@@ -51,24 +51,29 @@ impl IovaRange {
         Some(IovaRange { start, last })
     }
 
-    /// Number of IOVAs in the range (saturating at `u64::MAX` for the full space).
+    /// Number of IOVAs in the range (saturating at `u64::MAX` for the full space); 0 for an inverted
+    /// range (`start > last`), which holds no IOVA.
     pub fn len(&self) -> u64 {
-        (self.last - self.start).saturating_add(1)
+        match self.last.checked_sub(self.start) {
+            Some(d) => d.saturating_add(1),
+            None => 0,
+        }
     }
 
-    /// Always false: an inclusive range holds at least one IOVA.
+    /// True for an inverted range (`start > last`): an inclusive range otherwise holds at least one
+    /// IOVA. Operations that take ranges reject inverted ones.
     pub fn is_empty(&self) -> bool {
-        false
+        self.start > self.last
     }
 
     /// True if the ranges share an IOVA.
     pub fn overlaps(&self, other: &IovaRange) -> bool {
-        self.start <= other.last && other.start <= self.last
+        !self.is_empty() && !other.is_empty() && self.start <= other.last && other.start <= self.last
     }
 
     /// True if `other` lies inside `self`.
     pub fn contains(&self, other: &IovaRange) -> bool {
-        self.start <= other.start && other.last <= self.last
+        !self.is_empty() && !other.is_empty() && self.start <= other.start && other.last <= self.last
     }
 }
 
@@ -90,10 +95,96 @@ pub struct PhysRange {
     pub len: u64,
 }
 
+/// Who stands behind an area this crate created in an IOAS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The live [`Mapping`] guard with this id.
+    Guard(u64),
+    /// Nobody: the guard was [leaked](Mapping::leak); [`Ioas::unmap_range`] may remove it.
+    Leaked,
+}
+
+/// The IOVA areas this crate created in one IOAS, keyed by `(start, guard id)`.
+///
+/// Every change to the kernel's areas made through this crate happens with this registry locked, from
+/// the check of the arguments through the ioctl to the update of the registry, so it always equals the
+/// kernel's view of the areas made through this crate. Entries are removed by guard identity, never by
+/// start address alone.
+#[derive(Debug, Default)]
+pub(crate) struct Areas {
+    map: BTreeMap<(u64, u64), (u64, Owner)>,
+    next_id: u64,
+}
+
+impl Areas {
+    /// Areas overlapping `range`, in IOVA order.
+    fn overlapping(&self, range: IovaRange) -> impl Iterator<Item = (IovaRange, Owner)> + '_ {
+        // Areas do not overlap each other, so only the last one starting before `range.start` can
+        // reach into it from below.
+        let below =
+            self.map.range(..(range.start, 0)).next_back().filter(|(_, (last, _))| *last >= range.start);
+        below
+            .into_iter()
+            .chain(self.map.range((range.start, 0)..=(range.last, u64::MAX)))
+            .map(|(&(start, _), &(last, owner))| (IovaRange { start, last }, owner))
+    }
+
+    fn first_overlap(&self, range: IovaRange) -> Option<(IovaRange, Owner)> {
+        self.overlapping(range).next()
+    }
+
+    /// Handles a failed map, copy or map_file. `EFAULT` is the one failure after which the kernel may
+    /// have kept the new area: it maps first and copies its answer out last, without undoing the map
+    /// when that copy faults. The memory the area would use is then leaked, never freed, and a fixed
+    /// range is recorded as a leaked area.
+    fn failed_map<H>(&mut self, e: &Error, flags: u32, iova: u64, len: u64, held: H) {
+        if e.errno() != Some(rustix::io::Errno::FAULT) {
+            return; // the kernel undid everything; `held` is released
+        }
+        log::error!("iommufd: a map failed with EFAULT and may have been kept; leaking its memory");
+        std::mem::forget(held);
+        if flags & sys::IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+            if let Some(last) = iova.checked_add(len.saturating_sub(1)) {
+                self.next_id = self.next_id.wrapping_add(1);
+                self.map.insert((iova, self.next_id), (last, Owner::Leaked));
+            }
+        }
+    }
+
+    /// Records a new area owned by a guard; returns the guard's id.
+    fn insert_guard(&mut self, range: IovaRange) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id;
+        self.map.insert((range.start, id), (range.last, Owner::Guard(id)));
+        id
+    }
+
+    fn remove_guard(&mut self, start: u64, id: u64) {
+        self.map.remove(&(start, id));
+    }
+
+    fn leak_guard(&mut self, start: u64, id: u64) {
+        if let Some(entry) = self.map.get_mut(&(start, id)) {
+            entry.1 = Owner::Leaked;
+        }
+    }
+
+    fn guards(&self) -> usize {
+        self.map.values().filter(|(_, o)| matches!(o, Owner::Guard(_))).count()
+    }
+
+    /// Removes every leaked area inside `range` (after the kernel unmapped them).
+    fn remove_leaked_in(&mut self, range: IovaRange) {
+        self.map.retain(|&(start, _), &mut (last, owner)| {
+            owner != Owner::Leaked || !range.contains(&IovaRange { start, last })
+        });
+    }
+}
+
 pub(crate) struct IoasInner {
     pub(crate) obj: Object,
-    /// IOVA ranges owned by live `Mapping` guards: start -> last.
-    owned: Mutex<BTreeMap<u64, u64>>,
+    /// The areas made through this crate; see [`Areas`].
+    areas: Mutex<Areas>,
     /// Alignment last reported by the kernel (0 until `iova_ranges` is called).
     alignment: AtomicU64,
 }
@@ -107,18 +198,14 @@ impl IoasInner {
         self.obj.iommufd()
     }
 
-    fn owned(&self) -> MutexGuard<'_, BTreeMap<u64, u64>> {
-        self.owned.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn owned_overlap(&self, range: IovaRange) -> Option<IovaRange> {
-        let owned = self.owned();
-        // The only candidate below `range.last` that can overlap is the one starting last at or before it.
-        owned
-            .range(..=range.last)
-            .next_back()
-            .map(|(&start, &last)| IovaRange { start, last })
-            .filter(|r| r.overlaps(&range))
+    /// Locks the area registry for an operation that changes the IOAS's areas; refused in a process
+    /// other than the one that opened the iommufd (checked first, so a child never waits on a lock a
+    /// parent thread held at `fork()`).
+    fn lock(&self, op: &'static str) -> Result<MutexGuard<'_, Areas>> {
+        self.iommufd().check_process(op)?;
+        // A panic while the lock was held cannot leave the registry inconsistent with the kernel:
+        // every update follows its ioctl without a panicking step in between.
+        Ok(self.areas.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn unmap_ioctl(&self, iova: u64, length: u64) -> Result<u64> {
@@ -176,7 +263,7 @@ impl Ioas {
         Ok(Ioas {
             inner: Arc::new(IoasInner {
                 obj: Object::new(iommufd, arg.out_ioas_id, "IOAS"),
-                owned: Mutex::new(BTreeMap::new()),
+                areas: Mutex::new(Areas::default()),
                 alignment: AtomicU64::new(0),
             }),
         })
@@ -188,7 +275,7 @@ impl Ioas {
         Ioas {
             inner: Arc::new(IoasInner {
                 obj: Object::new(iommufd, id, "IOAS"),
-                owned: Mutex::new(BTreeMap::new()),
+                areas: Mutex::new(Areas::default()),
                 alignment: AtomicU64::new(0),
             }),
         }
@@ -251,8 +338,14 @@ impl Ioas {
     pub fn allow_iovas(&self, ranges: &[IovaRange]) -> Result<()> {
         const OP: &str = "IOMMU_IOAS_ALLOW_IOVAS";
         for r in ranges {
-            if r.start > r.last {
-                return Err(Error::invalid(OP, format!("range start {:#x} > last {:#x}", r.start, r.last)));
+            if r.start >= r.last {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "range {:#x}..={:#x} is empty or a single IOVA: start must be below last",
+                        r.start, r.last
+                    ),
+                ));
             }
         }
         let mut raw: Vec<sys::iommu_iova_range> =
@@ -266,15 +359,20 @@ impl Ioas {
         unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_ALLOW_IOVAS, &mut arg) }.map(drop)
     }
 
-    fn check_free(&self, op: &'static str, at: Iova, len: u64) -> Result<(u32, u64)> {
+    /// Checks where a new area of `len` bytes goes, against the registry held locked by the caller.
+    fn check_free(&self, areas: &Areas, op: &'static str, at: Iova, len: u64) -> Result<(u32, u64)> {
         match at {
             Iova::Fixed(iova) => {
                 let range = validate_range(op, iova, len, self.alignment())?;
-                if let Some(r) = self.inner.owned_overlap(range) {
+                if let Some((r, owner)) = areas.first_overlap(range) {
+                    let what = match owner {
+                        Owner::Guard(_) => "a live mapping",
+                        Owner::Leaked => "a leaked mapping",
+                    };
                     return Err(Error::invalid(
                         op,
                         format!(
-                            "IOVA range {iova:#x}+{len:#x} overlaps a live mapping at {:#x}..={:#x}",
+                            "IOVA range {iova:#x}+{len:#x} overlaps {what} at {:#x}..={:#x}",
                             r.start, r.last
                         ),
                     ));
@@ -295,10 +393,34 @@ impl Ioas {
         Ok(())
     }
 
-    pub(crate) fn guard<M: Memory>(&self, iova: u64, len: u64, access: Access, held: M::Held) -> Mapping<M> {
-        let range = IovaRange::from_len(iova, len).expect("validated before the ioctl");
-        self.inner.owned().insert(range.start, range.last);
-        Mapping { ioas: self.inner.clone(), iova, len, access, held: Some(held) }
+    /// Records the area the kernel just created and wraps it in a guard. `areas` is the registry the
+    /// caller has held locked since before the ioctl.
+    fn guard<M: Memory>(
+        &self,
+        areas: &mut Areas,
+        iova: u64,
+        len: u64,
+        access: Access,
+        held: M::Held,
+    ) -> Mapping<M> {
+        // `len` was validated non-zero and non-overflowing before the ioctl, and the kernel placed the
+        // area inside the IOVA space, so `last` cannot wrap; saturate rather than trust that blindly.
+        let range = IovaRange { start: iova, last: iova.saturating_add(len - 1) };
+        let id = areas.insert_guard(range);
+        Mapping { ioas: self.inner.clone(), iova, len, access, id, held: Some(held) }
+    }
+
+    /// A guard as a successful map would have produced, for tests of the registry without a kernel.
+    #[cfg(test)]
+    pub(crate) fn fake_guard<M: Memory>(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        held: M::Held,
+    ) -> Mapping<M> {
+        let mut areas = self.inner.lock("test").expect("same process");
+        self.guard(&mut areas, iova, len, access, held)
     }
 
     /// Maps `buffer` for DMA, moving it into the returned guard.
@@ -309,10 +431,16 @@ impl Ioas {
         const OP: &str = "IOMMU_IOAS_MAP";
         Self::check_access(OP, access)?;
         let len = buffer.len() as u64;
-        let (flags, iova) = self.check_free(OP, at, len)?;
+        let mut areas = self.inner.lock(OP)?;
+        let (flags, iova) = self.check_free(&areas, OP, at, len)?;
         let region = dma::dma_region(buffer);
-        let iova = self.map_va(region.addr(), len, flags | access.bits(), iova)?;
-        Ok(self.guard(iova, len, access, region))
+        match self.map_va(region.addr(), len, flags | access.bits(), iova) {
+            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, region)),
+            Err(e) => {
+                areas.failed_map(&e, flags, iova, len, region);
+                Err(e)
+            }
+        }
     }
 
     fn map_va(&self, va: u64, len: u64, flags: u32, iova: u64) -> Result<u64> {
@@ -334,19 +462,23 @@ impl Ioas {
     /// memory this crate does not own, such as a VMM's guest RAM.
     ///
     /// `va` and `len` must be page-aligned. The returned guard unmaps on drop but frees nothing.
+    /// The guard cannot be [copied](Self::copy) by safe code: [`copy_user`](Self::copy_user) is
+    /// `unsafe`, so nobody can extend the time the memory stays reachable without taking on this
+    /// contract for the copy.
     ///
     /// # Safety
     ///
-    /// From this call until every IOVA range that refers to the memory is unmapped (this mapping's
-    /// guard is unmapped or dropped, and so is every [`copy`](Self::copy) of it):
+    /// From this call until the returned guard is unmapped or dropped (and every copy made of it with
+    /// [`copy_user`](Self::copy_user), whose caller takes on this contract for the copy):
     ///
     /// - `va..va+len` must stay a valid mapping of this process that is not unmapped, remapped or
     ///   returned to an allocator that could reuse it, because devices reachable through this IOAS may
     ///   read it (with [`Access::READ`]) and write it (with [`Access::WRITE`]) at any time;
     /// - with [`Access::WRITE`], no Rust reference (`&` or `&mut`) to any byte of it may exist or be
     ///   created, since device writes would break the reference's aliasing guarantees: access it only
-    ///   through raw pointers (volatile), or through memory that is shared with a guest/another process;
-    /// - if the guard is leaked (`mem::forget`), the memory must be leaked too.
+    ///   through raw pointers (volatile or atomic), or through memory that is shared with a guest or
+    ///   another process;
+    /// - if the guard is leaked (`mem::forget` or [`Mapping::leak`]), the memory must be leaked too.
     pub unsafe fn map_user(
         &self,
         va: *mut u8,
@@ -364,18 +496,30 @@ impl Ioas {
             return Err(Error::invalid(OP, "user address range overflows"));
         }
         let len = len as u64;
-        let (flags, iova) = self.check_free(OP, at, len)?;
-        let iova = self.map_va(va as u64, len, flags | access.bits(), iova)?;
-        Ok(self.guard(iova, len, access, ()))
+        let mut areas = self.inner.lock(OP)?;
+        let (flags, iova) = self.check_free(&areas, OP, at, len)?;
+        match self.map_va(va as u64, len, flags | access.bits(), iova) {
+            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
+            Err(e) => {
+                areas.failed_map(&e, flags, iova, len, ());
+                Err(e)
+            }
+        }
     }
 
     /// Maps `len` bytes of `file` starting at `offset` (`IOMMU_IOAS_MAP_FILE`, Linux 6.13). The kernel
     /// pins the file's pages itself, so this is safe: no memory of this process is exposed. Use a memfd
     /// (or hugetlbfs/guest_memfd file) shared with whoever produces the data.
     ///
+    /// The kernel checks neither the fd's access mode nor its seals, so this does, before the ioctl:
+    /// [`Access::WRITE`] needs an fd open for writing whose file is not write-sealed (`F_SEAL_WRITE`,
+    /// `F_SEAL_FUTURE_WRITE`), and [`Access::READ`] needs an fd open for reading. A seal added after the
+    /// map does not stop the device: seal before mapping. For a regular file (memfd, hugetlbfs, tmpfs)
+    /// the range must lie inside the file (rounded up to whole pages).
+    ///
     /// While no device or access is attached to the IOAS, the kernel records the mapping without
-    /// pinning; a file it cannot pin (a pipe, a range past the end of the file) is then refused only
-    /// when something attaches. With a domain attached it is refused here, with `EINVAL`.
+    /// pinning; a file it cannot pin (a pipe) is then refused only when something attaches. With a
+    /// domain attached it is refused here, with `EINVAL`.
     pub fn map_file(
         &self,
         file: impl AsFd,
@@ -389,34 +533,74 @@ impl Ioas {
         if offset % page_size() as u64 != 0 {
             return Err(Error::invalid(OP, format!("file offset {offset:#x} is not page-aligned")));
         }
-        if offset.checked_add(len).is_none() {
+        let Some(end) = offset.checked_add(len) else {
             return Err(Error::invalid(OP, "file range overflows"));
-        }
-        let (flags, iova) = self.check_free(OP, at, len)?;
+        };
+        let file = file.as_fd();
+        dma::check_file_access(OP, file, access, end)?;
+        let mut areas = self.inner.lock(OP)?;
+        let (flags, iova) = self.check_free(&areas, OP, at, len)?;
         let mut arg = sys::iommu_ioas_map_file::new();
         arg.ioas_id = self.id();
         arg.flags = flags | access.bits();
-        arg.fd = file.as_fd().as_raw_fd();
+        arg.fd = file.as_raw_fd();
         arg.start = offset;
         arg.length = len;
         arg.iova = iova;
         // SAFETY: IOMMU_IOAS_MAP_FILE takes `iommu_ioas_map_file`, sized by `new()`, with no pointers;
         // `fd` is borrowed open for the call. The kernel pins the file's pages and holds them itself.
-        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) }?;
-        Ok(self.guard(arg.iova, len, access, ()))
+        if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) } {
+            areas.failed_map(&e, flags, iova, len, ());
+            return Err(e);
+        }
+        Ok(self.guard(&mut areas, arg.iova, len, access, ()))
     }
 
-    /// Maps the memory behind `src` (a mapping in any IOAS of the same iommufd) into this IOAS too
-    /// (`IOMMU_IOAS_COPY`), without pinning the pages again. The new guard shares `src`'s memory: a
-    /// [`DmaBuffer`] is returned to the caller only when the last of them is unmapped.
-    pub fn copy<M: Memory>(&self, src: &Mapping<M>, at: Iova, access: Access) -> Result<Mapping<M>>
+    /// Maps the memory behind `src` (a mapping in any IOAS of the same iommufd, this one included) into
+    /// this IOAS too (`IOMMU_IOAS_COPY`), without pinning the pages again. The new guard shares `src`'s
+    /// memory: a [`DmaBuffer`] is returned to the caller only when the last of them is unmapped.
+    ///
+    /// Mappings of caller-managed memory ([`map_user`](Self::map_user)) are copied with the `unsafe`
+    /// [`copy_user`](Self::copy_user) instead: a copy keeps that memory reachable after the original
+    /// guard is gone, which only the caller of `map_user` can allow.
+    pub fn copy<M: Shareable>(&self, src: &Mapping<M>, at: Iova, access: Access) -> Result<Mapping<M>>
+    where
+        M::Held: Clone,
+    {
+        self.copy_inner(src, at, access)
+    }
+
+    /// [`copy`](Self::copy) for a mapping of caller-managed memory made with
+    /// [`map_user`](Self::map_user).
+    ///
+    /// # Safety
+    ///
+    /// The caller takes on [`map_user`](Self::map_user)'s contract for the memory behind `src` until
+    /// the returned guard (and every copy made of it) is unmapped or dropped, which may be after
+    /// `src`'s guard is gone.
+    pub unsafe fn copy_user(
+        &self,
+        src: &Mapping<UserMemory>,
+        at: Iova,
+        access: Access,
+    ) -> Result<Mapping<UserMemory>> {
+        self.copy_inner(src, at, access)
+    }
+
+    fn copy_inner<M: Memory>(&self, src: &Mapping<M>, at: Iova, access: Access) -> Result<Mapping<M>>
     where
         M::Held: Clone,
     {
         const OP: &str = "IOMMU_IOAS_COPY";
         self.iommufd().check_same(src.ioas.iommufd(), OP)?;
         Self::check_access(OP, access)?;
-        let (flags, iova) = self.check_free(OP, at, src.len)?;
+        let Some(held) = src.held.clone() else {
+            return Err(Error::Protocol { op: OP, detail: "the source mapping holds no memory".into() });
+        };
+        // Only this IOAS's areas change. The source range cannot go away meanwhile: it is owned by
+        // `src`, which is borrowed for the call, and `unmap_range`/`unmap_all` refuse owned ranges.
+        let mut areas = self.inner.lock(OP)?;
+        let (flags, iova) = self.check_free(&areas, OP, at, src.len)?;
         let mut arg = sys::iommu_ioas_copy::new();
         arg.flags = flags | access.bits();
         arg.dst_ioas_id = self.id();
@@ -426,40 +610,100 @@ impl Ioas {
         arg.src_iova = src.iova;
         // SAFETY: IOMMU_IOAS_COPY takes `iommu_ioas_copy`, sized by `new()`, with no pointers. The new
         // range shares pages the source guard keeps alive; the new guard holds them too.
-        unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) }?;
-        let held = src.held.clone().expect("a live mapping holds its memory");
-        Ok(self.guard(arg.dst_iova, src.len, access, held))
+        if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) } {
+            areas.failed_map(&e, flags, iova, src.len, held);
+            return Err(e);
+        }
+        Ok(self.guard(&mut areas, arg.dst_iova, src.len, access, held))
     }
 
-    /// Unmaps every mapping fully inside `[iova, iova+len)` that no [`Mapping`] guard owns
-    /// (`IOMMU_IOAS_UNMAP`); returns the number of bytes the kernel unmapped.
+    /// Unmaps every area fully inside `[iova, iova+len)` that no [`Mapping`] guard owns
+    /// (`IOMMU_IOAS_UNMAP`); returns the number of bytes unmapped.
     ///
-    /// Ranges owned by guards are refused: unmap those through their guard, so their memory is
-    /// released exactly when it becomes unreachable.
+    /// Refused before any ioctl if the range overlaps an area a guard owns (unmap those through their
+    /// guard, so their memory is released exactly when it becomes unreachable), or partly overlaps a
+    /// [leaked](Mapping::leak) area (the kernel unmaps whole areas only). Areas this crate made are
+    /// unmapped one at a time, so that a failure part way ([`Error::PartialUnmap`]) says how many
+    /// bytes were already unmapped; a last ioctl over the whole range removes areas made by other
+    /// means (raw ioctls). `ENOENT` if nothing was mapped in the range.
     pub fn unmap_range(&self, iova: u64, len: u64) -> Result<u64> {
         const OP: &str = "IOMMU_IOAS_UNMAP";
         let range = validate_range(OP, iova, len, self.alignment())?;
-        if let Some(r) = self.inner.owned_overlap(range) {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "range overlaps the live mapping {:#x}..={:#x}: unmap it through its guard",
-                    r.start, r.last
-                ),
-            ));
+        let mut areas = self.inner.lock(OP)?;
+        let mut leaked = Vec::new();
+        for (r, owner) in areas.overlapping(range) {
+            match owner {
+                Owner::Guard(_) => {
+                    return Err(Error::invalid(
+                        OP,
+                        format!(
+                            "range overlaps the live mapping {:#x}..={:#x}: unmap it through its guard",
+                            r.start, r.last
+                        ),
+                    ));
+                }
+                Owner::Leaked if !range.contains(&r) => {
+                    return Err(Error::invalid(
+                        OP,
+                        format!(
+                            "range cuts the mapping {:#x}..={:#x}: the kernel unmaps whole mappings only",
+                            r.start, r.last
+                        ),
+                    ));
+                }
+                Owner::Leaked => leaked.push(r),
+            }
         }
-        self.inner.unmap_ioctl(iova, len)
+        self.unmap_areas(&mut areas, OP, range, &leaked)
+    }
+
+    /// Unmaps the known `leaked` areas inside `range` one by one, then the rest of `range`.
+    fn unmap_areas(
+        &self,
+        areas: &mut Areas,
+        op: &'static str,
+        range: IovaRange,
+        leaked: &[IovaRange],
+    ) -> Result<u64> {
+        let mut unmapped = 0u64;
+        let partial = |unmapped: u64, e: Error| {
+            if unmapped == 0 { e } else { Error::PartialUnmap { op, unmapped, source: Box::new(e) } }
+        };
+        for r in leaked {
+            match self.inner.unmap_ioctl(r.start, r.len()) {
+                Ok(n) => {
+                    unmapped = unmapped.saturating_add(n);
+                    areas.remove_leaked_in(*r);
+                }
+                Err(e) => return Err(partial(unmapped, e)),
+            }
+        }
+        // Areas this crate did not make (raw ioctls): the kernel finds them. ENOENT means none.
+        let (start, length) = if range.start == 0 && range.last == u64::MAX {
+            (0, u64::MAX) // the kernel's "unmap everything" form
+        } else {
+            (range.start, range.len())
+        };
+        match self.inner.unmap_ioctl(start, length) {
+            Ok(n) => unmapped = unmapped.saturating_add(n),
+            Err(e) if e.errno() == Some(rustix::io::Errno::NOENT) && unmapped != 0 => {}
+            Err(e) => return Err(partial(unmapped, e)),
+        }
+        Ok(unmapped)
     }
 
     /// Unmaps everything (`IOMMU_IOAS_UNMAP` of the whole space); returns the bytes unmapped. Refused
-    /// while any [`Mapping`] guard of this IOAS is alive.
+    /// while any [`Mapping`] guard of this IOAS is alive. [`Error::PartialUnmap`] if it fails part way.
     pub fn unmap_all(&self) -> Result<u64> {
         const OP: &str = "IOMMU_IOAS_UNMAP";
-        let live = self.inner.owned().len();
+        let mut areas = self.inner.lock(OP)?;
+        let live = areas.guards();
         if live != 0 {
             return Err(Error::invalid(OP, format!("{live} mapping guard(s) are alive: unmap them first")));
         }
-        self.inner.unmap_ioctl(0, u64::MAX)
+        let all = IovaRange { start: 0, last: u64::MAX };
+        let leaked: Vec<IovaRange> = areas.overlapping(all).map(|(r, _)| r).collect();
+        self.unmap_areas(&mut areas, OP, all, &leaked)
     }
 
     /// Whether this IOAS may use huge IOMMU pages (`IOMMU_OPTION_HUGE_PAGES`; default on).
@@ -467,11 +711,19 @@ impl Ioas {
         Ok(self.iommufd().get_option(sys::IOMMU_OPTION_HUGE_PAGES, self.id())? != 0)
     }
 
-    /// Allows or forbids huge IOMMU pages for this IOAS. Turning them off makes every mapping
-    /// splittable at page granularity (needed to unmap parts of a range). Only possible before any
-    /// device is attached.
+    /// Allows or forbids huge IOMMU pages for this IOAS (`IOMMU_OPTION_HUGE_PAGES`). With them off the
+    /// kernel maps every area with the smallest IOMMU page, which can raise the IOVA alignment that
+    /// [`iova_ranges`](Self::iova_ranges) reports. Turning them on always works; turning them off works
+    /// while attached, and is refused (`EINVAL`) only once the IOAS has both a domain (an attached
+    /// device or page table) and a mapping.
     pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
-        self.iommufd().set_option(sys::IOMMU_OPTION_HUGE_PAGES, self.id(), enabled as u64)
+        const OP: &str = "IOMMU_OPTION";
+        // Under the area lock: the kernel's answer depends on whether areas exist.
+        let _areas = self.inner.lock(OP)?;
+        self.iommufd().set_option(sys::IOMMU_OPTION_HUGE_PAGES, self.id(), enabled as u64)?;
+        // The alignment may have changed; the next fixed map re-learns it from the kernel.
+        self.inner.alignment.store(0, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The physical address behind `iova` and how many bytes from it, up to `max_len`, are physically
@@ -502,11 +754,23 @@ impl Ioas {
     }
 
     /// Destroys the IOAS now, reporting failure. Refused (with [`Error::InUse`], before any ioctl)
-    /// while clones, mappings, page tables or attachments still refer to it.
-    pub fn destroy(self) -> Result<()> {
+    /// while clones, mappings, page tables or attachments still refer to it; the handle comes back in
+    /// the [`CloseError`] so the call can be retried once they are gone. If the kernel refuses, the
+    /// handle comes back too (its `Drop` tries again and logs a failure).
+    pub fn destroy(self) -> std::result::Result<(), CloseError<Ioas>> {
+        const OP: &str = "IOMMU_DESTROY";
+        if let Err(error) = self.iommufd().check_process(OP) {
+            return Err(CloseError::new(error, self));
+        }
         match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner.obj.destroy(),
-            Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
+            Ok(mut inner) => match inner.obj.try_destroy() {
+                Ok(()) => Ok(()),
+                Err(error) => Err(CloseError::new(error, Ioas { inner: Arc::new(inner) })),
+            },
+            Err(inner) => {
+                let users = Arc::strong_count(&inner) - 1;
+                Err(CloseError::new(Error::InUse { op: OP, users }, Ioas { inner }))
+            }
         }
     }
 }
@@ -515,15 +779,25 @@ impl Ioas {
 ///
 /// Dropping the guard unmaps the range and then releases the memory; if the unmap fails, the error is
 /// logged and the memory is leaked (never freed while a device might reach it). [`Mapping::unmap`]
-/// does the same but reports the failure. `mem::forget` leaks the memory too.
+/// does the same but reports the failure and hands the guard back. `mem::forget` leaks the memory too.
 ///
-/// A mapping keeps its IOAS alive.
+/// A mapping keeps its IOAS alive. It is `Send` and `Sync`: [`read_at`](Mapping::read_at) and
+/// [`write_at`](Mapping::write_at) from several threads at once (or on copies of one mapping) are
+/// well defined, since every byte is moved with a relaxed atomic access; concurrent writes to the same
+/// bytes leave one of the written values per aligned 8-byte word, as with any shared memory, and so
+/// does a device writing while the CPU does.
+///
+/// In a `fork()`ed child (which shares the parent's iommufd) a guard does nothing: its accessors and
+/// [`unmap`](Mapping::unmap) fail with [`Error::ForeignProcess`] and its drop leaves the parent's
+/// mapping alone.
 #[must_use = "dropping a Mapping unmaps it at once"]
 pub struct Mapping<M: Memory = DmaBuffer> {
     ioas: Arc<IoasInner>,
     iova: u64,
     len: u64,
     access: Access,
+    /// Identity of this guard's entry in the IOAS's area registry.
+    id: u64,
     held: Option<M::Held>,
 }
 
@@ -556,7 +830,8 @@ impl<M: Memory> Mapping<M> {
 
     /// The range as an inclusive [`IovaRange`].
     pub fn range(&self) -> IovaRange {
-        IovaRange::from_len(self.iova, self.len).expect("validated at map time")
+        // Non-empty and non-wrapping: validated before the map.
+        IovaRange { start: self.iova, last: self.iova.saturating_add(self.len - 1) }
     }
 
     /// The device's permissions.
@@ -569,54 +844,63 @@ impl<M: Memory> Mapping<M> {
         self.ioas.id()
     }
 
-    fn do_unmap(&mut self) -> Result<()> {
+    /// Unmaps this guard's range with the registry locked; the entry goes only once the kernel
+    /// confirmed the whole range is gone.
+    fn do_unmap(&self) -> Result<()> {
+        const OP: &str = "IOMMU_IOAS_UNMAP";
+        let mut areas = self.ioas.lock(OP)?;
         let unmapped = self.ioas.unmap_ioctl(self.iova, self.len)?;
         if unmapped != self.len {
+            // Cannot happen while the registry matches the kernel (the range is exactly one area); keep
+            // the entry and the memory, since what is still reachable is unknown.
             return Err(Error::Protocol {
-                op: "IOMMU_IOAS_UNMAP",
+                op: OP,
                 detail: format!("unmapped {unmapped:#x} bytes at {:#x}, expected {:#x}", self.iova, self.len),
             });
         }
-        self.ioas.owned().remove(&self.iova);
+        areas.remove_guard(self.iova, self.id);
         Ok(())
     }
 
     /// Unmaps the range, checking the length the kernel reports, and gives back the memory
     /// ([`DmaBuffer`] mappings return `Some(buffer)` unless a copy still shares it).
     ///
-    /// On failure the memory stays leaked (it might still be reachable) and the range stays recorded
-    /// as owned, so [`Ioas::unmap_range`] will not touch it either.
-    pub fn unmap(mut self) -> Result<M::Unmapped> {
-        let result = self.do_unmap();
-        let held = self.held.take();
-        match result {
-            Ok(()) => Ok(M::release(held.expect("a live mapping holds its memory"))),
-            Err(e) => {
-                std::mem::forget(held);
-                Err(e)
-            }
+    /// On failure the guard comes back in the [`CloseError`] with the range still mapped and owned,
+    /// so the call can be retried (for example after `EBUSY` from an access or queue that pins the
+    /// range). `?` converts the error into [`Error`], dropping the guard, whose drop tries once more
+    /// and leaks the memory if that fails too.
+    pub fn unmap(mut self) -> std::result::Result<M::Unmapped, CloseError<Mapping<M>>> {
+        match self.do_unmap() {
+            Ok(()) => match self.held.take() {
+                Some(held) => Ok(M::release(held)),
+                None => Err(CloseError::new(
+                    Error::Protocol { op: "IOMMU_IOAS_UNMAP", detail: "the mapping held no memory".into() },
+                    self,
+                )),
+            },
+            Err(e) => Err(CloseError::new(e, self)),
         }
     }
-}
 
-impl<M: Memory> Mapping<M> {
     /// Gives up the guard and leaves the range mapped: the memory it holds is leaked (never freed,
     /// since a device may still reach it), and the range becomes an ordinary kernel mapping that
     /// [`Ioas::unmap_range`] and [`Ioas::unmap_all`] may remove. Returns the range.
     pub fn leak(mut self) -> IovaRange {
         std::mem::forget(self.held.take());
-        self.ioas.owned().remove(&self.iova);
+        if self.ioas.iommufd().in_owner_process() {
+            let mut areas = self.ioas.areas.lock().unwrap_or_else(|e| e.into_inner());
+            areas.leak_guard(self.iova, self.id);
+        }
         self.range()
     }
 }
 
 impl Mapping<DmaBuffer> {
-    fn region(&self) -> &Region {
-        self.held.as_ref().expect("a live mapping holds its memory")
-    }
-
     fn check(&self, op: &'static str, offset: usize, len: usize) -> Result<*mut u8> {
-        let region = self.region();
+        self.ioas.iommufd().check_process(op)?;
+        let Some(region) = self.held.as_ref() else {
+            return Err(Error::Protocol { op, detail: "the mapping holds no memory".into() });
+        };
         match offset.checked_add(len) {
             Some(end) if end <= region.len() => Ok((region.addr() as usize + offset) as *mut u8),
             _ => Err(Error::invalid(
@@ -626,34 +910,45 @@ impl Mapping<DmaBuffer> {
         }
     }
 
-    /// Copies `dst.len()` bytes at `offset` out of the mapped buffer (volatile reads: the device may be
-    /// writing them).
+    /// Copies `dst.len()` bytes at `offset` out of the mapped buffer. The device may be writing them:
+    /// each byte is read with a relaxed atomic load (8 bytes at a time where aligned), so the copy is
+    /// well defined but not a snapshot; order it after the device's completion signal.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         let src = self.check("Mapping::read_at", offset, dst.len())?;
-        // SAFETY: `src..src+dst.len()` lies inside the region this guard keeps mapped (checked above).
+        // SAFETY: `src..src+dst.len()` lies inside the read-write anonymous region this guard keeps
+        // mapped (checked above, in the process that mapped it).
         unsafe { dma::copy_from_device(src, dst) };
         Ok(())
     }
 
-    /// Copies `src` into the mapped buffer at `offset` (volatile writes: the device may be reading).
+    /// Copies `src` into the mapped buffer at `offset` with relaxed atomic stores (the device may be
+    /// reading; other threads may be copying too).
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<()> {
         let dst = self.check("Mapping::write_at", offset, src.len())?;
-        // SAFETY: `dst..dst+src.len()` lies inside the region this guard keeps mapped (checked above).
+        // SAFETY: `dst..dst+src.len()` lies inside the read-write anonymous region this guard keeps
+        // mapped (checked above, in the process that mapped it).
         unsafe { dma::copy_to_device(src, dst) };
         Ok(())
     }
 
     /// Copies the whole buffer out.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = vec![0; self.region().len()];
-        self.read_at(0, &mut v).expect("the whole buffer is in range");
-        v
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
+        let len = self.held.as_ref().map_or(0, |r| r.len());
+        let mut v = vec![0; len];
+        self.read_at(0, &mut v)?;
+        Ok(v)
     }
 }
 
 impl<M: Memory> Drop for Mapping<M> {
     fn drop(&mut self) {
         let Some(held) = self.held.take() else { return };
+        if !self.ioas.iommufd().in_owner_process() {
+            // A fork()ed child's copy of the guard: the range is the parent's. Touch neither it nor
+            // the memory (the child's copy of which is freed with the child).
+            std::mem::forget(held);
+            return;
+        }
         match self.do_unmap() {
             Ok(()) => drop(M::release(held)),
             Err(e) => {
@@ -664,7 +959,76 @@ impl<M: Memory> Drop for Mapping<M> {
                     self.len
                 );
                 std::mem::forget(held);
+                // The memory is leaked, so the range may now be removed like any leaked mapping.
+                let mut areas = self.ioas.areas.lock().unwrap_or_else(|e| e.into_inner());
+                areas.leak_guard(self.iova, self.id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry's overlap query against a linear scan, over random non-overlapping area sets and
+    /// random queries (a deterministic generator: the same cases every run).
+    #[test]
+    fn registry_overlap_matches_a_linear_scan() {
+        let mut state = 0x243f_6a88_85a3_08d3u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for _case in 0..300 {
+            let mut areas = Areas::default();
+            let mut naive: Vec<(IovaRange, Owner)> = Vec::new();
+            let mut cursor = next(4);
+            while naive.len() < 12 {
+                let start = cursor + next(3);
+                let range = IovaRange { start, last: start + next(4) };
+                cursor = range.last + 1;
+                if next(2) == 0 {
+                    let id = areas.insert_guard(range);
+                    naive.push((range, Owner::Guard(id)));
+                } else {
+                    let id = areas.insert_guard(range);
+                    areas.leak_guard(range.start, id);
+                    naive.push((range, Owner::Leaked));
+                }
+            }
+            for _query in 0..40 {
+                let start = next(cursor + 2);
+                let query = IovaRange { start, last: start + next(6) };
+                let got: Vec<_> = areas.overlapping(query).collect();
+                let want: Vec<_> = naive.iter().copied().filter(|(r, _)| r.overlaps(&query)).collect();
+                assert_eq!(got, want, "query {query:?} over {naive:?}");
+            }
+            let guards = naive.iter().filter(|(_, o)| matches!(o, Owner::Guard(_))).count();
+            assert_eq!(areas.guards(), guards);
+            // Removing leaked areas inside a range keeps everything else.
+            let cut = IovaRange { start: next(cursor), last: cursor };
+            areas.remove_leaked_in(cut);
+            let kept: Vec<_> = areas.overlapping(IovaRange { start: 0, last: u64::MAX }).collect();
+            let want: Vec<_> =
+                naive.iter().copied().filter(|(r, o)| *o != Owner::Leaked || !cut.contains(r)).collect();
+            assert_eq!(kept, want);
+        }
+    }
+
+    #[test]
+    fn guards_are_removed_by_identity_not_by_start() {
+        let mut areas = Areas::default();
+        let range = IovaRange { start: 0x1000, last: 0x1fff };
+        let first = areas.insert_guard(range);
+        // A second entry at the same start (only possible if the kernel and the registry disagreed)
+        // must not be clobbered by the first guard's removal.
+        let second = areas.insert_guard(range);
+        areas.remove_guard(range.start, first);
+        assert_eq!(areas.overlapping(range).collect::<Vec<_>>(), vec![(range, Owner::Guard(second))]);
+        areas.remove_guard(range.start, first);
+        assert_eq!(areas.guards(), 1, "a stale removal is a no-op");
     }
 }

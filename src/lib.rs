@@ -60,14 +60,23 @@
 //! memory reachable by a device is freed, reused or aliased by a Rust reference:
 //!
 //! - [`Ioas::map`] takes a [`DmaBuffer`] **by value**. While mapped, its bytes are reached only by
-//!   volatile copies ([`Mapping::read_at`], [`Mapping::write_at`]); it comes back from
+//!   copies made of relaxed atomic accesses ([`Mapping::read_at`], [`Mapping::write_at`]), well
+//!   defined while other threads and the device use the same memory; it comes back from
 //!   [`Mapping::unmap`] only after the kernel confirms the range is gone. A failed unmap or a
 //!   `mem::forget` leaks the memory instead of freeing it. `IOMMU_IOAS_COPY` mappings share the
 //!   buffer, which returns only when the last copy is unmapped.
-//! - [`Ioas::map_file`] is safe because the kernel pins the file's pages itself.
-//! - [`Ioas::map_user`] (raw virtual addresses, such as guest RAM) is `unsafe` with a precise contract.
+//! - Each IOAS keeps a registry of the areas made through it; every call that changes them holds the
+//!   IOAS's lock from its checks through the ioctl to the registry update, and guards are removed by
+//!   identity. So no interleaving of threads leaves a guard whose range the kernel no longer maps.
+//! - [`Ioas::map_file`] is safe because the kernel pins the file's pages itself; the crate checks the
+//!   fd's access mode and write seals, which the kernel does not.
+//! - [`Ioas::map_user`] (raw virtual addresses, such as guest RAM) is `unsafe` with a precise contract,
+//!   and so is copying such a mapping ([`Ioas::copy_user`]).
 //! - Ranges owned by guards cannot be removed behind them: [`Ioas::unmap_range`] and
 //!   [`Ioas::unmap_all`] refuse to touch them.
+//! - Handles act only in the process that opened their [`Iommufd`]: in a `fork()`ed child, drops do
+//!   nothing and state-changing calls fail with [`Error::ForeignProcess`]
+//!   ([`Iommufd::in_owner_process`]).
 //!
 //! # Errors
 //!
@@ -104,8 +113,8 @@ mod viommu;
 pub use compat::VfioCompatIoas;
 pub use device::*;
 pub use dirty::{DirtyBitmap, DirtyRanges};
-pub use dma::{DmaBuffer, FileMemory, Memory, UserMemory, page_size};
-pub use error::{Errno, Error, Result};
+pub use dma::{DmaBuffer, FileMemory, Memory, Shareable, UserMemory, page_size};
+pub use error::{CloseError, Errno, Error, Result};
 #[cfg(feature = "tokio")]
 pub use fault::AsyncFaultQueue;
 pub use fault::{FaultPerm, FaultQueue, PageFault, PageFaultFlags, PageResponse, ResponseCode};

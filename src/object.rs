@@ -28,11 +28,23 @@ impl Object {
         &self.iommufd
     }
 
-    /// Destroys the object now, reporting failure. Either way the object is not destroyed again.
-    pub(crate) fn destroy(mut self) -> Result<()> {
+    /// Destroys the object now, reporting failure. On failure the object stays live: its owner can
+    /// try again, and dropping it tries again (and logs), so a refused destroy never leaks the kernel
+    /// object silently.
+    pub(crate) fn try_destroy(&mut self) -> Result<()> {
+        if !self.live {
+            return Ok(());
+        }
         self.iommufd.check_process("IOMMU_DESTROY")?;
+        ioctl::destroy(self.iommufd.as_fd(), self.id)?;
         self.live = false;
-        ioctl::destroy(self.iommufd.as_fd(), self.id)
+        Ok(())
+    }
+
+    /// [`try_destroy`](Self::try_destroy) for an owner that does not keep the object on failure: it
+    /// is dropped still live, so its drop tries once more and logs.
+    pub(crate) fn destroy(mut self) -> Result<()> {
+        self.try_destroy()
     }
 }
 

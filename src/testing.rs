@@ -780,6 +780,17 @@ pub fn set_dirty(iommufd: &Iommufd, hwpt_id: u32, iova: u64, page_size: u64, bit
     Ok(unsafe { cmd.__bindgen_anon_1.dirty.out_nr_dirty })
 }
 
+/// The buffer [`Hwpt::read_dirty`](crate::Hwpt::read_dirty) hands the kernel for `bitmap`, as
+/// `(span, guard)`: `span` is every word the kernel may write (the bitmap proper, then the rest of the
+/// pages the kernel pins for it, where a dirty huge IOMMU page reaching past the requested length
+/// sets its bits), and `guard` is the page after it, which the kernel must leave zero.
+///
+/// After a read, `span` shows what the kernel wrote past the requested range; the bitmap itself
+/// ([`DirtyBitmap::as_words`](crate::DirtyBitmap::as_words)) reports only the range.
+pub fn dirty_bitmap_buffer(bitmap: &crate::DirtyBitmap) -> (&[u64], &[u64]) {
+    bitmap.kernel_buffer()
+}
+
 /// Checks IOTLB entry `entry` (below [`IOTLB_ENTRIES`]) of the mock *nested* domain `hwpt_id` against
 /// `value` (`IOMMU_TEST_OP_MD_CHECK_IOTLB`, Linux 6.8). The entries start at the `iotlb` value given
 /// at allocation (`struct iommu_hwpt_selftest`, usually [`IOTLB_DEFAULT`]) and are cleared by

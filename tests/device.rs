@@ -55,7 +55,7 @@ fn attach_ioas_hwpt_replace_detach() {
     assert_eq!(att.pt_id(), hwpt.id());
     // The HWPT is attached: an explicit destroy is refused before the kernel sees it.
     let hwpt_id = hwpt.id();
-    assert!(matches!(hwpt.destroy(), Err(Error::InUse { .. })));
+    assert!(matches!(hwpt.destroy().map_err(Error::from), Err(Error::InUse { .. })));
     att.replace(&ioas).unwrap();
     att.detach().unwrap();
     // SAFETY: the attachment is gone and the Hwpt handle was consumed by destroy(), whose refusal

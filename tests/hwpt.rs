@@ -379,10 +379,19 @@ fn nested_keeps_its_parent_and_fault_queue_alive() {
     let (nested_id, fq_id) = (nested.id(), fq.id());
     dev.replace(&nested).unwrap();
 
-    // Handles below the nested table refuse to go while it exists (and the device holds it).
-    assert!(matches!(parent.destroy(), Err(Error::InUse { .. })));
+    // Handles below the nested table refuse to go while it exists (and the device holds it). A
+    // refused destroy gives the handle back, unchanged.
+    let parent = match parent.destroy() {
+        Err(e) if matches!(e.error(), Error::InUse { users: 1, .. }) => e.into_inner(),
+        other => panic!("expected InUse with the handle back, got {other:?}"),
+    };
+    assert_eq!(parent.id(), parent_id);
+    drop(parent);
     assert!(matches!(fq.close(), Err(Error::InUse { .. })));
-    assert!(matches!(nested.clone().destroy(), Err(Error::InUse { .. })));
+    let (e, again) = nested.clone().destroy().unwrap_err().into_parts();
+    assert!(matches!(e, Error::InUse { .. }), "{e:?}");
+    assert_eq!(again.id(), nested_id);
+    drop(again);
     // The last handles to the parent and the queue are now inside the nested table: it still works.
     testing::check_iotlb(&fd, nested_id, 0, testing::IOTLB_DEFAULT).unwrap();
 

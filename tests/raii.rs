@@ -71,8 +71,9 @@ fn explicit_close_in_kernel_order() {
     let map = ioas.map(DmaBuffer::new(4096).unwrap(), Iova::Auto, Access::READ).unwrap();
     let (ioas_id, hwpt_id, dev_id) = (ioas.id(), hwpt.id(), dev.dev_id());
     // Parents refuse to go first, before any ioctl.
-    let ioas2 = ioas.clone();
-    assert!(matches!(ioas2.destroy(), Err(iommufd::Error::InUse { .. })));
+    let refused = ioas.clone().destroy().unwrap_err();
+    assert!(matches!(refused.error(), iommufd::Error::InUse { .. }));
+    assert_eq!(refused.into_inner().id(), ioas_id, "the refused handle comes back");
     let dev2 = dev.clone();
     assert!(matches!(dev2.close(), Err(iommufd::Error::InUse { .. })));
     map.unmap().unwrap().unwrap();

@@ -72,7 +72,7 @@ fn viommu_children_and_explicit_teardown() {
     assert_eq!(viommu.nest_parent().id(), parent.id());
 
     // The vIOMMU holds its nest parent: refused here, and by the kernel.
-    assert_in_use(parent.clone().destroy());
+    assert_in_use(parent.clone().destroy().map_err(Error::from));
     assert!(busy(&iommufd, parent.id()));
 
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).expect("IOMMU_VDEVICE_ALLOC");
@@ -334,7 +334,7 @@ fn hw_queues_pin_their_memory_and_chain() {
 
     // The queue memory is pinned: the kernel refuses to unmap it while a queue exists. (The failed
     // unmap leaks the guard's buffer rather than freeing memory a queue may read.)
-    assert_eq!(errno(mapping.unmap()), Errno::BUSY);
+    assert_eq!(errno(mapping.unmap().map_err(iommufd::Error::from)), Errno::BUSY);
 
     // Dropping queue 1 destroys it, then queue 0.
     logs::start();

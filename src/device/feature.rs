@@ -17,6 +17,7 @@ use std::sync::Arc;
 use iommufd_sys as sys;
 
 use super::{BoundDevice, DeviceInner, PciAddress};
+use crate::dirty::KernelBitmap;
 use crate::error::{Errno, Error, Result};
 use crate::ioas::IovaRange;
 use crate::ioctl::{self, Sized32};
@@ -252,10 +253,13 @@ impl BoundDevice {
     /// (`EBUSY`, or a driver error, for a second start).
     pub fn dma_logging_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<DmaLog> {
         let feature = DeviceFeature::DMA_LOGGING_START;
-        let raw = logging_ranges(feature.name(), page_size, ranges)?;
+        let op = feature.name();
+        let raw = logging_ranges(op, page_size, ranges)?;
+        let num_ranges =
+            u32::try_from(raw.len()).map_err(|_| Error::invalid(op, format!("{} ranges", raw.len())))?;
         let data = sys::vfio_device_feature_dma_logging_control {
             page_size,
-            num_ranges: raw.len() as u32,
+            num_ranges,
             __reserved: 0,
             ranges: raw.as_ptr() as u64,
         };
@@ -263,7 +267,15 @@ impl BoundDevice {
         // points at `num_ranges` readable entries owned by `raw`, alive until the call returns. The
         // kernel writes the chosen page size back into the control structure (the payload).
         let (_, data) = unsafe { feature_call(self.as_fd(), feature, sys::VFIO_DEVICE_FEATURE_SET, data) }?;
-        Ok(DmaLog { dev: Some(self.inner.clone()), page_size: data.page_size })
+        // From here on, dropping the log stops it.
+        let log = DmaLog { dev: Some(self.inner.clone()), page_size: data.page_size };
+        if !data.page_size.is_power_of_two() {
+            return Err(Error::Protocol {
+                op,
+                detail: format!("the driver chose the page size {:#x}, not a power of two", data.page_size),
+            });
+        }
+        Ok(log)
     }
 
     /// Exports `ranges` of region `index` (for vfio-pci, a BAR number) as a dma-buf
@@ -351,6 +363,22 @@ fn logging_ranges(
     if ranges.is_empty() {
         return Err(Error::invalid(op, "no ranges"));
     }
+    let raw = ranges
+        .iter()
+        .map(|r| {
+            if r.start > r.last {
+                return Err(Error::invalid(op, format!("range {r:?} is inverted (start > last)")));
+            }
+            // `start <= last`: no underflow; `None` only for the whole 2^64-byte space.
+            let Some(length) = (r.last - r.start).checked_add(1) else {
+                return Err(Error::invalid(op, format!("range {r:?} spans the whole IOVA space")));
+            };
+            if r.start % page_size != 0 || length % page_size != 0 {
+                return Err(Error::invalid(op, format!("range {r:?} is not aligned to {page_size:#x}")));
+            }
+            Ok(sys::vfio_device_feature_dma_logging_range { iova: r.start, length })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut sorted = ranges.to_vec();
     sorted.sort();
     for pair in sorted.windows(2) {
@@ -358,27 +386,14 @@ fn logging_ranges(
             return Err(Error::invalid(op, format!("ranges {:?} and {:?} overlap", pair[0], pair[1])));
         }
     }
-    ranges
-        .iter()
-        .map(|r| {
-            let length = (r.last - r.start).checked_add(1).filter(|_| r.start <= r.last);
-            match length {
-                Some(length) if r.start % page_size == 0 && length % page_size == 0 => {
-                    Ok(sys::vfio_device_feature_dma_logging_range { iova: r.start, length })
-                }
-                Some(_) => Err(Error::invalid(op, format!("range {r:?} is not aligned to {page_size:#x}"))),
-                None => {
-                    Err(Error::invalid(op, format!("range {r:?} is empty or spans the whole IOVA space")))
-                }
-            }
-        })
-        .collect()
+    Ok(raw)
 }
 
 /// Device-side DMA logging, started by [`BoundDevice::dma_logging_start`]. Stops logging when dropped
 /// (failures are logged), or explicitly with [`stop`](Self::stop).
 pub struct DmaLog {
     dev: Option<Arc<DeviceInner>>,
+    /// The tracking granularity the driver chose: a power of two (checked at start).
     page_size: u64,
 }
 
@@ -391,91 +406,147 @@ impl std::fmt::Debug for DmaLog {
     }
 }
 
-/// Pages a device wrote, from [`DmaLog::report`]: one bit per `page_size` page from `iova`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Pages a device wrote, from [`DmaLog::report`]: one bit per [`page_size`](Self::page_size) page
+/// from [`iova`](Self::iova).
+#[derive(Clone, PartialEq, Eq)]
 pub struct DmaLogReport {
-    /// First IOVA covered.
-    pub iova: u64,
-    /// Bytes covered.
-    pub length: u64,
-    /// Bytes per bit.
-    pub page_size: u64,
-    /// Bit `n` (bit `n % 64` of word `n / 64`) is page `iova + n * page_size`.
-    pub bitmap: Vec<u64>,
+    iova: u64,
+    length: u64,
+    /// A power of two, at least 4096.
+    page_size: u64,
+    bitmap: KernelBitmap,
+}
+
+impl std::fmt::Debug for DmaLogReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaLogReport")
+            .field("iova", &self.iova)
+            .field("length", &self.length)
+            .field("page_size", &self.page_size)
+            .field("bitmap", &self.bitmap.words())
+            .finish()
+    }
 }
 
 impl DmaLogReport {
+    /// First IOVA covered.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Bytes covered (non-zero; `iova + length` does not overflow).
+    pub fn length(&self) -> u64 {
+        self.length
+    }
+
+    /// Bytes per bit (a power of two, at least 4096).
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// The bitmap: bit `n` (bit `n % 64` of word `n / 64`) is page `iova + n * page_size`. Bits past
+    /// the covered range are zero.
+    pub fn bitmap(&self) -> &[u64] {
+        self.bitmap.words()
+    }
+
+    /// The number of pages (bits) covered: `length / page_size`, rounded up.
+    pub fn pages(&self) -> u64 {
+        self.length.div_ceil(self.page_size)
+    }
+
     /// True if the page holding `iova` was written (false outside the covered range).
     pub fn is_dirty(&self, iova: u64) -> bool {
         if iova < self.iova || iova - self.iova >= self.length {
             return false;
         }
         let n = (iova - self.iova) / self.page_size;
-        self.bitmap.get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
+        self.bitmap().get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
     }
 
     /// First IOVAs of the written pages, ascending.
     pub fn dirty_pages(&self) -> impl Iterator<Item = u64> + '_ {
-        let pages = self.length.div_ceil(self.page_size);
-        self.bitmap
+        let pages = self.pages();
+        self.bitmap()
             .iter()
             .enumerate()
             .flat_map(move |(w, &word)| {
                 (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| w as u64 * 64 + b)
             })
             .take_while(move |&n| n < pages)
+            // `n < pages`, so `n * page_size < length` and `iova + length` does not overflow.
             .map(move |n| self.iova + n * self.page_size)
     }
 }
 
-/// Words of the report bitmap for `length` bytes at `page_size` per bit (the kernel's
-/// `iova_bitmap` sizing: one bit per page, rounded up to whole `u64`s).
-fn report_words(length: u64, page_size: u64) -> u64 {
-    (length - 1) / page_size / 64 + 1
+/// Checks a report request against the log's tracking page size and returns the words of its
+/// bitmap (the kernel's `iova_bitmap` sizing: one bit per page, rounded up to whole `u64`s).
+///
+/// The driver records each tracked page whole. With `iova` aligned to the tracked page size and
+/// report pages at least that large, every tracked page that begins in the window lies in one report
+/// page inside the bitmap, and none begins before the window (where the kernel would drop it).
+fn report_words(op: &'static str, tracked: u64, iova: u64, length: u64, page_size: u64) -> Result<usize> {
+    if length == 0 {
+        return Err(Error::invalid(op, "length is zero"));
+    }
+    if !page_size.is_power_of_two() || page_size < 4096 {
+        return Err(Error::invalid(op, format!("page size {page_size:#x} must be a power of two >= 4096")));
+    }
+    if page_size < tracked {
+        return Err(Error::invalid(
+            op,
+            format!("page size {page_size:#x} is smaller than the tracked page size {tracked:#x}"),
+        ));
+    }
+    if !tracked.is_power_of_two() || iova % tracked != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("IOVA {iova:#x} is not aligned to the tracked page size {tracked:#x}"),
+        ));
+    }
+    if iova.checked_add(length).is_none() {
+        return Err(Error::invalid(op, "range overflows the IOVA space"));
+    }
+    usize::try_from((length - 1) / page_size / 64 + 1).map_err(|_| Error::invalid(op, "bitmap too large"))
 }
 
 impl DmaLog {
-    /// The tracking granularity the driver chose (bytes per logged page).
+    /// The tracking granularity the driver chose (bytes per logged page; a power of two).
     pub fn page_size(&self) -> u64 {
         self.page_size
     }
 
     /// Reads and clears the log for `[iova, iova + length)` at `page_size` bytes per bit
-    /// (`VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`, Linux 6.2). `page_size` may differ from
-    /// [`page_size`](Self::page_size) (a power of two, at least 4096).
+    /// (`VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`, Linux 6.2).
+    ///
+    /// `iova` must be a multiple of the tracked [`page_size`](Self::page_size), and `page_size` a power
+    /// of two, at least 4096 and at least the tracked page size; `length` must be non-zero and the
+    /// range must not wrap (all checked before the ioctl). The driver records whole tracked pages:
+    /// a report window starting inside one would miss it, and finer report pages could not say
+    /// which part of it was written.
     ///
     /// After any error the log should be considered lost: treat everything as dirty and restart.
     pub fn report(&self, iova: u64, length: u64, page_size: u64) -> Result<DmaLogReport> {
         let feature = DeviceFeature::DMA_LOGGING_REPORT;
         let op = feature.name();
-        if length == 0 {
-            return Err(Error::invalid(op, "length is zero"));
-        }
-        if !page_size.is_power_of_two() || page_size < 4096 {
-            return Err(Error::invalid(
-                op,
-                format!("page size {page_size:#x} must be a power of two >= 4096"),
-            ));
-        }
-        if iova.checked_add(length).is_none() {
-            return Err(Error::invalid(op, "range overflows the IOVA space"));
-        }
-        let words = usize::try_from(report_words(length, page_size))
-            .map_err(|_| Error::invalid(op, "bitmap too large"))?;
-        let mut bitmap: Vec<u64> = Vec::new();
-        bitmap.try_reserve_exact(words).map_err(|_| Error::os(op, Errno::NOMEM))?;
-        bitmap.resize(words, 0);
-        let dev = self.dev.as_ref().expect("a live DmaLog has its device");
+        let words = report_words(op, self.page_size, iova, length, page_size)?;
+        let Some(dev) = self.dev.as_ref() else {
+            return Err(Error::invalid(op, "DMA logging was stopped"));
+        };
+        let mut bitmap = KernelBitmap::new(op, words)?;
         let data = sys::vfio_device_feature_dma_logging_report {
             iova,
             length,
             page_size,
-            bitmap: bitmap.as_mut_ptr() as u64,
+            bitmap: bitmap.kernel_ptr(),
         };
         // SAFETY: DMA_LOGGING_REPORT with GET takes `vfio_device_feature_dma_logging_report`; `bitmap`
-        // points at `words` writable u64s owned by `bitmap`, alive for the call, and the kernel writes at
-        // most one bit per `page_size` page of `length` bytes: `report_words` of them.
+        // points at the page-aligned start of a zeroed `KernelBitmap` of `words` words, whose span
+        // covers every byte the kernel's `iova_bitmap` may write for them (the rest of the pages it
+        // pins; see `KernelBitmap`). It is owned here and nothing else points into it; it stays alive
+        // and in place until the call returns.
         unsafe { feature_call(dev.fd.as_fd(), feature, sys::VFIO_DEVICE_FEATURE_GET, data) }?;
+        bitmap.finish(op, length.div_ceil(page_size))?;
         Ok(DmaLogReport { iova, length, page_size, bitmap })
     }
 
@@ -745,16 +816,39 @@ mod tests {
         assert!(logging_ranges("t", 4096, &[r(0x800, 0x1000)]).is_err());
         assert!(logging_ranges("t", 4096, &[r(0, 0x2000), r(0x1000, 0x1000)]).is_err(), "overlap");
         assert!(logging_ranges("t", 4096, &[IovaRange { start: 0, last: u64::MAX }]).is_err());
+        // An inverted range is an error, not an overflow panic.
+        let e = logging_ranges("t", 4096, &[IovaRange { start: 0x2000, last: 0xfff }]).unwrap_err();
+        assert!(e.to_string().contains("inverted"), "{e}");
+        let e =
+            logging_ranges("t", 4096, &[r(0, 0x1000), IovaRange { start: u64::MAX, last: 0 }]).unwrap_err();
+        assert!(e.to_string().contains("inverted"), "{e}");
+    }
+
+    /// A report as `DmaLog::report` builds it, with `bits` set as the kernel would.
+    fn report(iova: u64, length: u64, page_size: u64, bits: &[u64]) -> DmaLogReport {
+        let words = report_words("t", 4096, iova, length, page_size).unwrap();
+        let mut bitmap = KernelBitmap::new("t", words).unwrap();
+        for &b in bits {
+            bitmap.words_mut()[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        bitmap.finish("t", length.div_ceil(page_size)).unwrap();
+        DmaLogReport { iova, length, page_size, bitmap }
     }
 
     #[test]
     fn report_bitmap() {
-        assert_eq!(report_words(4096, 4096), 1);
-        assert_eq!(report_words(64 * 4096, 4096), 1);
-        assert_eq!(report_words(64 * 4096 + 1, 4096), 2);
-        assert_eq!(report_words(1 << 30, 1 << 21), 8);
-        let rep =
-            DmaLogReport { iova: 0x10_0000, length: 70 * 4096, page_size: 4096, bitmap: vec![0b101, 1 << 5] };
+        let words = |length, page_size| report_words("t", 4096, 0, length, page_size).unwrap();
+        assert_eq!(words(4096, 4096), 1);
+        assert_eq!(words(64 * 4096, 4096), 1);
+        assert_eq!(words(64 * 4096 + 1, 4096), 2);
+        assert_eq!(words(1 << 30, 1 << 21), 8);
+        let rep = report(0x10_0000, 70 * 4096, 4096, &[0, 2, 69, 70, 127]);
+        assert_eq!(
+            (rep.iova(), rep.length(), rep.page_size(), rep.pages()),
+            (0x10_0000, 70 * 4096, 4096, 70)
+        );
+        // Bits past the covered pages (as a tracked page reaching past the end sets) are dropped.
+        assert_eq!(rep.bitmap(), &[0b101, 1 << 5]);
         assert!(rep.is_dirty(0x10_0000) && rep.is_dirty(0x10_2fff) && !rep.is_dirty(0x10_1000));
         assert!(
             rep.is_dirty(0x10_0000 + 69 * 4096)
@@ -762,8 +856,33 @@ mod tests {
                 && !rep.is_dirty(0x10_0000 + 70 * 4096)
         );
         assert_eq!(rep.dirty_pages().collect::<Vec<_>>(), vec![0x10_0000, 0x10_2000, 0x10_0000 + 69 * 4096]);
+        // The last page of the IOVA space, with a length that is not a page multiple.
+        let rep = report(u64::MAX - 0xfff - 0x1000, 0x1800, 0x1000, &[0, 1]);
+        assert_eq!(rep.dirty_pages().collect::<Vec<_>>(), vec![u64::MAX - 0x1fff, u64::MAX - 0xfff]);
+        assert!(rep.is_dirty(u64::MAX - 0x1000) && !rep.is_dirty(u64::MAX));
     }
 
+    #[test]
+    fn report_requests_are_checked_against_the_tracked_page_size() {
+        let invalid = |r: Result<usize>, needle: &str| match r {
+            Err(Error::InvalidArgument { reason, .. }) => assert!(reason.contains(needle), "{reason}"),
+            other => panic!("expected InvalidArgument({needle}), got {other:?}"),
+        };
+        invalid(report_words("t", 4096, 0, 0, 4096), "length is zero");
+        invalid(report_words("t", 4096, 0, 4096, 0), "power of two");
+        invalid(report_words("t", 4096, 0, 4096, 2048), "power of two");
+        invalid(report_words("t", 4096, 0, 4096, 3 << 12), "power of two");
+        // Finer report pages than the tracked ones: a tracked page would set bits past the bitmap.
+        invalid(report_words("t", 1 << 21, 0, 1 << 21, 4096), "smaller than the tracked");
+        // A window starting inside a tracked page would miss it.
+        invalid(report_words("t", 8192, 0x1000, 0x2000, 8192), "not aligned to the tracked");
+        invalid(report_words("t", 4096, u64::MAX - 0xfff, 0x1000, 4096), "overflows");
+        // A tracked page size the driver could not have chosen never divides by zero.
+        invalid(report_words("t", 0, 0, 4096, 4096), "not aligned to the tracked");
+        assert_eq!(report_words("t", 1 << 21, 1 << 21, 1 << 30, 1 << 21).unwrap(), 8);
+        assert_eq!(report_words("t", 4096, 0, u64::MAX, 1 << 63).unwrap(), 1);
+        assert_eq!(report_words("t", 4096, 0x1000, u64::MAX - 0x1000, 4096).unwrap(), 1 << 46);
+    }
     #[test]
     fn hot_reset_info_parsing() {
         let devfn = |d: u8, f: u8| (d << 3) | f;
