@@ -14,7 +14,7 @@
 //! - no page stays pinned (the mock's `check_refs` on the memfd pages the sequence maps and on the
 //!   buffer, when the run got it back);
 //!
-//! and after the sweep a clean run of the sequence succeeds. The number of points each sequence hit
+//! and a clean run of the sequence right after each faulted one succeeds and passes the same checks. The number of points each sequence hit
 //! is printed (it shows in the VM console), and must be above a floor that proves the injection
 //! reached the kernel paths behind the calls.
 //!
@@ -448,6 +448,27 @@ fn open_fds() -> BTreeMap<i32, String> {
     fds
 }
 
+/// Runs `sequence` without injection: it must succeed and leave nothing behind.
+fn clean_run(
+    name: &str,
+    sequence: Sequence,
+    nth_file: &File,
+    env: &Env,
+    fds_before: &BTreeMap<i32, String>,
+    when: &str,
+) {
+    let mut run = Run::default();
+    let mut nth = FailNth::new(nth_file, 0);
+    let result = sequence(&mut nth, &mut run, env);
+    let unexpected = std::mem::take(&mut nth.outcome.unexpected);
+    drop(nth);
+    let problems = check_after(&mut run, env, fds_before);
+    if let Err(e) = result {
+        panic!("{name}: the clean run {when} failed: {e} ({unexpected:?})");
+    }
+    assert!(problems.is_empty(), "{name}: after the clean run {when}: {problems:#?}");
+}
+
 /// Sweeps `sequence`; returns the number of injection points it has.
 fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
     let _debugfs = DebugfsSetup::apply();
@@ -458,12 +479,7 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
 
     // A clean run first: the sequence works.
     let fds_before = open_fds();
-    let mut run = Run::default();
-    let mut nth = FailNth::new(&nth_file, 0);
-    sequence(&mut nth, &mut run, &env).unwrap_or_else(|e| panic!("{name}: the clean run failed: {e}"));
-    drop(nth);
-    let problems = check_after(&mut run, &env, &fds_before);
-    assert!(problems.is_empty(), "{name}: after the clean run: {problems:#?}");
+    clean_run(name, sequence, &nth_file, &env, &fds_before, "before the sweep");
 
     let mut by_call: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut by_error: BTreeMap<String, u32> = BTreeMap::new();
@@ -500,6 +516,8 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
             outcome.fired_in,
             outcome.unexpected
         );
+        // A clean rerun right after the faulted one works and cleans up as well.
+        clean_run(name, sequence, &nth_file, &env, &fds_before, &format!("after n = {n}"));
         match (&outcome.fired_in, &result) {
             (None, Ok(())) => {
                 // Every point passed without reaching the n-th: the run passed n - remaining points.
@@ -529,14 +547,6 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
     }
     let (points, first_clean) =
         points.unwrap_or_else(|| panic!("{name}: more than {MAX_POINTS} injection points"));
-
-    // A clean rerun after the sweep still works.
-    let mut run = Run::default();
-    let mut nth = FailNth::new(&nth_file, 0);
-    sequence(&mut nth, &mut run, &env).unwrap_or_else(|e| panic!("{name}: the clean rerun failed: {e}"));
-    drop(nth);
-    let problems = check_after(&mut run, &env, &fds_before);
-    assert!(problems.is_empty(), "{name}: after the clean rerun: {problems:#?}");
 
     report(&format!(
         "fail-nth {name}: {points} injection points (first clean run at n = {first_clean}) in {:.1} s; \

@@ -50,7 +50,7 @@ const SEEDS: [u64; 16] = [
     0xc0ff_ee00,
 ];
 /// Operations per seed.
-const OPS_PER_SEED: usize = 200;
+const OPS_PER_SEED: usize = 400;
 /// Wall-clock budget of the whole model run.
 const MODEL_BUDGET_SECS: u64 = 60;
 /// Fixed IOVAs, explicit unmaps, allowed and reserved ranges fall in this many pages from the start
@@ -532,7 +532,12 @@ impl Harness {
 
     /// Ranges that cover, split and straddle areas, or fall in gaps.
     fn random_unmap_range(&self, rng: &mut Rng) -> Op {
-        let areas: Vec<Area> = self.model.areas.values().copied().collect();
+        let mut areas: Vec<Area> = self.model.areas.values().copied().collect();
+        // Mostly around leaked areas: only those can be removed by range.
+        let leaked: Vec<Area> = areas.iter().filter(|a| !a.guarded).copied().collect();
+        if !leaked.is_empty() && rng.chance(70) {
+            areas = leaked;
+        }
         let p = page();
         let (start, end) = match (rng.pick(&areas), rng.pick(&areas)) {
             (Some(a), Some(b)) => {
