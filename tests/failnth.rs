@@ -32,10 +32,10 @@ use std::os::unix::fs::FileExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use iommufd::testing::{self, MockDevice};
+use iommufd::testing::{self, MockDevice, PageRequest};
 use iommufd::{
-    Access, DmaBuffer, Errno, Error, FaultQueue, Hwpt, HwptFlags, Iommufd, Iova, Vdevice, Veventq,
-    VfioDevice, Viommu, page_size,
+    Access, DmaBuffer, Errno, Error, FaultPerm, FaultQueue, Hwpt, HwptFlags, Iommufd, Iova, PageResponse,
+    ResponseCode, Vdevice, Veventq, VfioDevice, Viommu, page_size,
 };
 
 /// Most injection points a sequence may have: reaching this many fails the test (raise it if the
@@ -301,13 +301,19 @@ impl Drop for Env {
 
 type Sequence = fn(&mut FailNth, &mut Run, &Env) -> iommufd::Result<()>;
 
+/// A check of the test's own, as a result.
+fn check(ok: bool, what: String) -> iommufd::Result<()> {
+    if ok { Ok(()) } else { Err(Error::Protocol { op: "check", detail: what }) }
+}
+
 /// Converts an explicit close's error (whatever handle it may give back) into the crate's error.
 fn closed<T, E: Into<Error>>(r: std::result::Result<T, E>) -> iommufd::Result<T> {
     r.map_err(Into::into)
 }
 
-/// open -> IOAS -> map / map_file / copy -> mock device -> nest-parent HWPT -> replace -> fault queue
-/// + HWPT with it -> replace -> vIOMMU -> vDEVICE -> vEVENTQ, then an explicit teardown.
+/// open, IOAS, map / map_file / copy, mock device, nest-parent HWPT, replace, fault queue and a HWPT
+/// with it, replace, a page fault read and answered, vIOMMU, vDEVICE, vEVENTQ, nested HWPT, a vEVENT
+/// read; then an explicit teardown.
 fn mock_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Result<()> {
     let len = BUF_PAGES * page_size();
     let iommufd = nth.call("Iommufd::open", Iommufd::open)?;
@@ -353,20 +359,45 @@ fn mock_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Result
     })?;
     run.id("fault HWPT", fault_hwpt.id());
     nth.call("MockDevice::replace(fault HWPT)", || dev.replace(&fault_hwpt))?;
+    // A page fault through the queue, read and answered.
+    let request = PageRequest { pasid: None, group: 1, perm: FaultPerm::READ, addr: 0x4000_0000 };
+    nth.call("MockDevice::trigger_iopf", || dev.trigger_iopf(&request))?;
+    let fired_before = nth.outcome.fired_in.is_some();
+    let got = nth.call("FaultQueue::read", || faults.read())?;
+    if !fired_before && nth.outcome.fired_in.is_none() {
+        nth.unarmed("one fault read", || check(got.len() == 1, format!("read {got:?}")))?;
+    }
+    let answers: Vec<PageResponse> = got.iter().map(|f| f.response(ResponseCode::Success)).collect();
+    if !answers.is_empty() {
+        nth.call("FaultQueue::respond_all", || faults.respond_all(&answers))?;
+    }
 
     let viommu = nth.call("Viommu::alloc", || Viommu::alloc(&dev, &parent, testing::VIOMMU_TYPE, None))?;
     run.id("vIOMMU", viommu.id());
     let vdev = nth.call("Vdevice::alloc", || Vdevice::alloc(&viommu, &dev, 0x42))?;
     run.id("vDEVICE", vdev.id());
-    let veventq = nth.call("Veventq::alloc", || Veventq::alloc(&viommu, testing::VEVENTQ_TYPE, 8))?;
+    let mut veventq = nth.call("Veventq::alloc", || Veventq::alloc(&viommu, testing::VEVENTQ_TYPE, 8))?;
     run.id("vEVENTQ", veventq.id());
+    // A vEVENT: the mock raises it for a device on a nested page table of the vIOMMU.
+    let nested = nth.call("Hwpt::alloc_nested", || {
+        Hwpt::alloc_nested(&dev, &viommu, &testing::nested_data(testing::IOTLB_DEFAULT), HwptFlags::empty())
+    })?;
+    run.id("nested HWPT", nested.id());
+    nth.call("MockDevice::replace(nested)", || dev.replace(&nested))?;
+    nth.call("MockDevice::trigger_vevent", || dev.trigger_vevent())?;
+    let fired_before = nth.outcome.fired_in.is_some();
+    let events = nth.call("Veventq::read", || veventq.read())?;
+    if !fired_before && nth.outcome.fired_in.is_none() {
+        nth.unarmed("one vEVENT read", || check(events.len() == 1, format!("read {events:?}")))?;
+    }
 
     // Explicit teardown, children first.
+    nth.call("MockDevice::replace(IOAS)", || dev.replace(&ioas))?;
+    run.id("second automatic domain", dev.hwpt_id());
+    nth.call("Hwpt::destroy(nested)", || closed(nested.destroy()))?;
     nth.call("Veventq::close", || closed(veventq.close()))?;
     nth.call("Vdevice::destroy", || closed(vdev.destroy()))?;
     nth.call("Viommu::destroy", || closed(viommu.destroy()))?;
-    nth.call("MockDevice::replace(IOAS)", || dev.replace(&ioas))?;
-    run.id("second automatic domain", dev.hwpt_id());
     nth.call("Hwpt::destroy(fault HWPT)", || closed(fault_hwpt.destroy()))?;
     nth.call("FaultQueue::close", || closed(faults.close()))?;
     nth.call("Hwpt::destroy(parent)", || closed(parent.destroy()))?;
