@@ -97,6 +97,46 @@ impl Drop for DebugfsSetup {
     }
 }
 
+/// New kernel log records since `start`, to report warnings the injected faults provoke in the kernel
+/// (`WARN_ON` splats, BUGs): these are kernel findings, reported on the console, while the test's
+/// verdict stays about what the SDK returned and left behind.
+struct Kmsg {
+    file: Option<File>,
+}
+
+impl Kmsg {
+    fn start() -> Kmsg {
+        use std::io::Seek;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = File::options().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg").ok();
+        let file = file.and_then(|mut f| f.seek(std::io::SeekFrom::End(0)).ok().map(|_| f));
+        Kmsg { file }
+    }
+
+    /// Log lines since `start` that look like kernel warnings or bugs.
+    fn warnings(&mut self) -> Vec<String> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let Some(file) = &mut self.file else { return out };
+        let mut buf = vec![0u8; 8192];
+        // Each read returns one record; EAGAIN once there is none left.
+        while let Ok(n) = file.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let record = String::from_utf8_lossy(&buf[..n]);
+            let text = record.split_once(';').map_or(&*record, |(_, t)| t).trim_end();
+            if ["WARNING:", "BUG:", "Oops", "refcount_t:", "UBSAN:", "list_del corruption"]
+                .iter()
+                .any(|w| text.contains(w))
+            {
+                out.push(text.to_string());
+            }
+        }
+        out
+    }
+}
+
 /// Makes the allocator keep the heap it has, so that Rust allocations inside an armed call do not
 /// reach the kernel (`brk`/`mmap` would pass injection points of their own, and a failed one would
 /// abort the process rather than fail the call).
@@ -509,6 +549,7 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
     let started = Instant::now();
 
     // A clean run first: the sequence works.
+    let mut kmsg = Kmsg::start();
     let fds_before = open_fds();
     clean_run(name, sequence, &nth_file, &env, &fds_before, "before the sweep");
 
@@ -584,6 +625,11 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
          faults absorbed by the kernel or SDK: {recovered}",
         started.elapsed().as_secs_f64()
     ));
+    let warnings = kmsg.warnings();
+    report(&format!("fail-nth {name}: kernel warnings during the sweep: {}", warnings.len()));
+    for w in &warnings {
+        report(&format!("fail-nth {name}: kernel: {w}"));
+    }
     report(&format!("fail-nth {name}: faults by call: {by_call:?}"));
     report(&format!("fail-nth {name}: errors returned: {by_error:?}"));
     assert!(points > min_points, "{name}: only {points} injection points (expected more than {min_points})");

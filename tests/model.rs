@@ -50,7 +50,7 @@ const SEEDS: [u64; 16] = [
     0xc0ff_ee00,
 ];
 /// Operations per seed.
-const OPS_PER_SEED: usize = 400;
+const OPS_PER_SEED: usize = 600;
 /// Wall-clock budget of the whole model run.
 const MODEL_BUDGET_SECS: u64 = 60;
 /// Fixed IOVAs, explicit unmaps, allowed and reserved ranges fall in this many pages from the start
