@@ -950,10 +950,9 @@ impl RegionMapping {
 
     /// Validates an access of `width` bytes at `offset` and returns its address.
     fn at(&self, op: &'static str, need: RegionFlags, offset: usize, width: usize) -> Result<*mut u8> {
-        if need.contains(RegionFlags::WRITE) {
-            // A fork()ed child inherits the shared mapping: its stores would drive the parent's device.
-            self._dev.iommufd.check_process(op)?;
-        }
+        // A fork()ed child inherits the shared mapping: its stores would drive the parent's device,
+        // and so can its loads (registers that clear on read).
+        self._dev.iommufd.check_process(op)?;
         if !self.access.contains(need) {
             let what = if need.contains(RegionFlags::WRITE) { "writable" } else { "readable" };
             return Err(Error::invalid(op, format!("region {} is not mapped {what}", self.index)));

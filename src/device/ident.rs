@@ -62,7 +62,13 @@ pub(crate) fn identify(fd: BorrowedFd<'_>) -> Result<FileIdentity> {
     let kind = format!("character device {major}:{minor}");
     let (sysfs, no_sysfs) = match std::fs::read_link(format!("{SYS_DEV_CHAR}/{major}:{minor}")) {
         Ok(target) => (Some(target), false),
-        Err(_) => (None, !Path::new(SYS_DEV_CHAR).is_dir()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, !Path::new(SYS_DEV_CHAR).is_dir()),
+        // Anything else (ENOMEM, EACCES, ...) says nothing about the file: report it as what it is,
+        // not as a file of the wrong kind.
+        Err(e) => {
+            let errno = rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO);
+            return Err(Error::os("readlink(/sys/dev/char)", errno));
+        }
     };
     Ok(FileIdentity { rdev: Some((major, minor)), kind, sysfs, no_sysfs })
 }
