@@ -20,6 +20,7 @@
 //! Most users want the typed `iommufd` crate instead of this one.
 
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![allow(non_camel_case_types, non_upper_case_globals, non_snake_case)]
 #![allow(clippy::all, missing_docs, rustdoc::all, unsafe_op_in_unsafe_fn)]
 
@@ -178,6 +179,7 @@ const _: () = {
 /// and the mock driver's data types, from `drivers/iommu/iommufd/iommufd_test.h` in the source of the
 /// pinned test kernel (see the header of `testing.rs`). Not a stable uAPI: it changes between kernels.
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing {
     // Included rather than a module file, like `bindings.rs`, so rustfmt leaves the generated text alone
     // and `cargo xtask check-sys` compares it byte for byte.
