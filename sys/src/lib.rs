@@ -118,8 +118,8 @@ pub const _IOC_WRITE: u32 = ioc::WRITE;
 /// Direction of a request the kernel writes its argument for (`_IOC_READ`).
 pub const _IOC_READ: u32 = ioc::READ;
 
-/// An ioctl request number from its parts, with the target architecture's encoding (`_IOC`). Parts
-/// wider than their field are truncated to it, as the C macro does for in-range values.
+/// An ioctl request number from its parts, with the target architecture's encoding (`_IOC`). Each part
+/// is masked to the width of its field (the C macro expects parts that fit).
 pub const fn _IOC(dir: u32, ty: u32, nr: u32, size: u32) -> u32 {
     const fn field(value: u32, bits: u32, shift: u32) -> u32 {
         (value & ((1 << bits) - 1)) << shift

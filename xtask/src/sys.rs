@@ -558,16 +558,34 @@ fn generate_checked() -> Result<(String, String)> {
     Ok((src, testing))
 }
 
+/// `sys/README.md` names the pinned kernel, headers package and bindgen versions: after a version bump it
+/// must be updated with the generated files.
+fn check_readme_pins() -> Result<()> {
+    let path = workspace_root().join("sys/README.md");
+    let readme = std::fs::read_to_string(&path)?;
+    let stale: Vec<&str> = [KERNEL_VERSION, HEADERS_VERSION, BINDGEN_VERSION]
+        .into_iter()
+        .filter(|v| !readme.contains(v))
+        .collect();
+    if !stale.is_empty() {
+        return Err(
+            format!("{} does not name the pinned version(s) {stale:?}: update it", path.display()).into()
+        );
+    }
+    Ok(())
+}
+
 pub fn gen_sys() -> Result<()> {
     let (bindings, testing) = generate_checked()?;
     for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
         std::fs::write(&path, src)?;
         eprintln!("gen-sys: wrote {}", path.display());
     }
-    Ok(())
+    check_readme_pins()
 }
 
 pub fn check_sys() -> Result<()> {
+    check_readme_pins()?;
     let (bindings, testing) = generate_checked()?;
     let mut stale = Vec::new();
     for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
