@@ -576,6 +576,7 @@ impl FaultSource for FaultQueue {
 
 /// A [`FaultQueue`] registered with the tokio reactor (feature `tokio`).
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[derive(Debug)]
 pub struct AsyncFaultQueue {
     inner: tokio::io::unix::AsyncFd<FaultQueue>,

@@ -811,6 +811,7 @@ impl AsRawFd for Veventq {
 
 /// A [`Veventq`] registered with the tokio reactor (feature `tokio`).
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[derive(Debug)]
 pub struct AsyncVeventq {
     inner: tokio::io::unix::AsyncFd<Veventq>,
