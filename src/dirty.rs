@@ -158,7 +158,7 @@ impl DirtyBitmap {
     }
 
     /// The whole buffer the kernel may write and the guard page after it.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(feature = "testing")]
     pub(crate) fn kernel_buffer(&self) -> (&[u64], &[u64]) {
         (self.buf.span(), self.buf.guard())
     }
