@@ -12,6 +12,7 @@ use crate::error::{CloseError, Error, Result};
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
 use crate::object::Object;
+use crate::placement::FreeSpace;
 
 bitflags::bitflags! {
     /// What a device may do through a mapping.
@@ -27,12 +28,29 @@ bitflags::bitflags! {
 }
 
 /// Where a mapping goes in the IOVA space.
+///
+/// Which to use:
+/// - [`Fixed`](Iova::Fixed) when the address is decided elsewhere (a guest physical address, a
+///   device's fixed window).
+/// - [`Auto`](Iova::Auto) for a few thousand mappings: the kernel places them, honouring every
+///   reserved range, but its search walks the IOAS's areas on every map, so the cost per map grows
+///   with the number of mappings.
+/// - [`Below`](Iova::Below) for many mappings, or for a device that can address only part of the
+///   IOVA space (a 32-bit DMA mask: `Iova::Below(u32::MAX.into())`): this crate places them in
+///   O(log n) from the IOAS's usable ranges, with the kernel's alignment rules, below the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Iova {
     /// Exactly this IOVA (`IOMMU_IOAS_MAP_FIXED_IOVA`); it must be free and aligned.
     Fixed(u64),
     /// Wherever the kernel finds room (it picks an address aligned to the mapping's size class).
     Auto,
+    /// Placed by this crate so that the mapping's last IOVA is at most this limit (`u64::MAX` for no
+    /// limit), in a free range of the IOAS's usable ranges (those [`Ioas::iova_ranges`] reports,
+    /// page 0 excluded), aligned like the kernel's automatic placement (the length rounded up to a
+    /// power of two, capped at 2 MiB and by the memory's own alignment, and at least the IOAS's
+    /// alignment). The usable ranges are read once and re-read when the kernel refuses a placement
+    /// (after an attach added reserved ranges, for example). `ENOSPC` if nothing fits.
+    Below(u64),
 }
 
 /// An inclusive IOVA range `[start, last]`, as the kernel reports and accepts them.
@@ -114,6 +132,8 @@ enum Owner {
 pub(crate) struct Areas {
     map: BTreeMap<(u64, u64), (u64, Owner)>,
     next_id: u64,
+    /// The free space for [`Iova::Below`], built on its first use and kept up to date from then on.
+    free: Option<FreeSpace>,
 }
 
 impl Areas {
@@ -138,6 +158,9 @@ impl Areas {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         self.map.insert((range.start, id), (range.last, Owner::Guard(id)));
+        if let Some(free) = &mut self.free {
+            free.occupy(range);
+        }
         id
     }
 
@@ -145,10 +168,17 @@ impl Areas {
     fn insert_leaked(&mut self, range: IovaRange) {
         self.next_id = self.next_id.wrapping_add(1);
         self.map.insert((range.start, self.next_id), (range.last, Owner::Leaked));
+        if let Some(free) = &mut self.free {
+            free.occupy(range);
+        }
     }
 
     fn remove_guard(&mut self, start: u64, id: u64) {
-        self.map.remove(&(start, id));
+        if let Some((last, _)) = self.map.remove(&(start, id)) {
+            if let Some(free) = &mut self.free {
+                free.release(IovaRange { start, last });
+            }
+        }
     }
 
     fn leak_guard(&mut self, start: u64, id: u64) {
@@ -163,11 +193,24 @@ impl Areas {
 
     /// Removes every leaked area inside `range` (after the kernel unmapped them).
     fn remove_leaked_in(&mut self, range: IovaRange) {
+        let mut removed = Vec::new();
         self.map.retain(|&(start, _), &mut (last, owner)| {
-            owner != Owner::Leaked || !range.contains(&IovaRange { start, last })
+            let area = IovaRange { start, last };
+            let keep = owner != Owner::Leaked || !range.contains(&area);
+            if !keep {
+                removed.push(area);
+            }
+            keep
         });
+        if let Some(free) = &mut self.free {
+            removed.into_iter().for_each(|r| free.release(r));
+        }
     }
 }
+
+/// How many placements [`Iova::Below`] tries before giving up (each failed one teaches it something:
+/// an unknown area, or changed usable ranges).
+const PLACEMENT_TRIES: usize = 8;
 
 pub(crate) struct IoasInner {
     pub(crate) obj: Object,
@@ -342,6 +385,9 @@ impl Ioas {
         arg.ioas_id = self.id();
         arg.num_iovas = u32::try_from(raw.len()).map_err(|_| Error::invalid(OP, "too many ranges"))?;
         arg.allowed_iovas = raw.as_mut_ptr() as u64;
+        // The usable ranges change: placement by this crate must learn them again.
+        let mut areas = self.inner.lock(OP)?;
+        areas.free = None;
         // SAFETY: IOMMU_IOAS_ALLOW_IOVAS takes `iommu_ioas_allow_iovas`, sized by `new()`;
         // `allowed_iovas` points at `num_iovas` readable entries owned by `raw`, alive for the call.
         unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_ALLOW_IOVAS, &mut arg) }.map(drop)
@@ -367,11 +413,97 @@ impl Ioas {
                 }
                 Ok((sys::IOMMU_IOAS_MAP_FIXED_IOVA, iova))
             }
-            Iova::Auto => {
+            Iova::Auto | Iova::Below(_) => {
                 validate_range(op, 0, len, page_size() as u64)?;
                 Ok((0, 0))
             }
         }
+    }
+
+    /// Places a new area of `len` bytes and maps it with `ioctl(flags, iova)`, which returns the IOVA
+    /// the kernel used. `hint` is the address the memory starts at (or the file offset), whose
+    /// alignment [`Iova::Below`] keeps, as the kernel's automatic placement does. On failure returns
+    /// the error with the flags and IOVA of the last attempt.
+    fn place_and_map(
+        &self,
+        areas: &mut Areas,
+        op: &'static str,
+        at: Iova,
+        len: u64,
+        hint: u64,
+        mut ioctl: impl FnMut(u32, u64) -> Result<u64>,
+    ) -> std::result::Result<u64, (Error, u32, u64)> {
+        use rustix::io::Errno;
+        let Iova::Below(limit) = at else {
+            let (flags, iova) = self.check_free(areas, op, at, len).map_err(|e| (e, 0, 0))?;
+            return ioctl(flags, iova).map_err(|e| (e, flags, iova));
+        };
+        let no_room = || {
+            let hint = Some("no free IOVA range of that size below the limit (check iova_ranges())");
+            (Error::Ioctl { op, errno: Errno::NOSPC, hint }, 0, 0)
+        };
+        validate_range(op, 0, len, page_size() as u64).map_err(|e| (e, 0, 0))?;
+        let fixed = sys::IOMMU_IOAS_MAP_FIXED_IOVA;
+        let mut refreshed = false;
+        for _ in 0..PLACEMENT_TRIES {
+            if areas.free.is_none() {
+                self.build_free_space(areas).map_err(|e| (e, 0, 0))?;
+                refreshed = true;
+            }
+            let align = self.placement_alignment(len, hint);
+            let Some(iova) = areas.free.as_ref().and_then(|f| f.find(len, align, limit)) else {
+                if refreshed {
+                    return Err(no_room());
+                }
+                // The space may have grown (allow_iovas, a detach): look again once.
+                areas.free = None;
+                continue;
+            };
+            match ioctl(fixed, iova) {
+                Ok(iova) => return Ok(iova),
+                // An area this crate did not make (raw ioctls) is there: never offer it again.
+                Err(e) if e.errno() == Some(Errno::EXIST) => {
+                    if let Some(free) = &mut areas.free {
+                        free.occupy(IovaRange { start: iova, last: iova + (len - 1) });
+                    }
+                }
+                // Reserved, disallowed or newly misaligned: the usable ranges changed. Re-read them once.
+                Err(e)
+                    if matches!(e.errno(), Some(Errno::ADDRINUSE | Errno::INVAL | Errno::NOENT))
+                        && !refreshed =>
+                {
+                    areas.free = None;
+                }
+                Err(e) => return Err((e, fixed, iova)),
+            }
+        }
+        Err(no_room())
+    }
+
+    /// Builds the free space of [`Iova::Below`] from the kernel's usable ranges and the registry.
+    fn build_free_space(&self, areas: &mut Areas) -> Result<()> {
+        let page = page_size() as u64;
+        let usable = self.iova_ranges()?.ranges.into_iter().filter_map(|r| {
+            // Page 0 is never offered, as the kernel's own placement never does.
+            let start = r.start.max(page);
+            (start <= r.last).then_some(IovaRange { start, last: r.last })
+        });
+        let mut free = FreeSpace::new(usable);
+        for (r, _) in areas.overlapping(IovaRange { start: 0, last: u64::MAX }) {
+            free.occupy(r);
+        }
+        areas.free = Some(free);
+        Ok(())
+    }
+
+    /// The alignment of a placed area: the length rounded up to a power of two, no more than the
+    /// memory's own alignment (`hint`) nor 2 MiB, and at least the IOAS's alignment.
+    fn placement_alignment(&self, len: u64, hint: u64) -> u64 {
+        let mut align = len.checked_next_power_of_two().unwrap_or(1 << 63);
+        if hint != 0 {
+            align = align.min(1 << hint.trailing_zeros());
+        }
+        align.min(2 << 20).max(self.alignment())
     }
 
     fn check_access(op: &'static str, access: Access) -> Result<()> {
@@ -445,11 +577,13 @@ impl Ioas {
         Self::check_access(OP, access)?;
         let len = buffer.len() as u64;
         let mut areas = self.inner.lock(OP)?;
-        let (flags, iova) = self.check_free(&areas, OP, at, len)?;
         let region = dma::dma_region(buffer);
-        match self.map_va(region.addr(), len, flags | access.bits(), iova) {
+        let va = region.addr();
+        match self.place_and_map(&mut areas, OP, at, len, va, |flags, iova| {
+            self.map_va(va, len, flags | access.bits(), iova)
+        }) {
             Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, region)),
-            Err(e) => {
+            Err((e, flags, iova)) => {
                 self.failed_map(&mut areas, &e, flags, iova, len, region);
                 Err(e)
             }
@@ -510,10 +644,12 @@ impl Ioas {
         }
         let len = len as u64;
         let mut areas = self.inner.lock(OP)?;
-        let (flags, iova) = self.check_free(&areas, OP, at, len)?;
-        match self.map_va(va as u64, len, flags | access.bits(), iova) {
+        let va = va as u64;
+        match self.place_and_map(&mut areas, OP, at, len, va, |flags, iova| {
+            self.map_va(va, len, flags | access.bits(), iova)
+        }) {
             Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
-            Err(e) => {
+            Err((e, flags, iova)) => {
                 self.failed_map(&mut areas, &e, flags, iova, len, ());
                 Err(e)
             }
@@ -552,21 +688,27 @@ impl Ioas {
         let file = file.as_fd();
         dma::check_file_access(OP, file, access, end)?;
         let mut areas = self.inner.lock(OP)?;
-        let (flags, iova) = self.check_free(&areas, OP, at, len)?;
-        let mut arg = sys::iommu_ioas_map_file::new();
-        arg.ioas_id = self.id();
-        arg.flags = flags | access.bits();
-        arg.fd = file.as_raw_fd();
-        arg.start = offset;
-        arg.length = len;
-        arg.iova = iova;
-        // SAFETY: IOMMU_IOAS_MAP_FILE takes `iommu_ioas_map_file`, sized by `new()`, with no pointers;
-        // `fd` is borrowed open for the call. The kernel pins the file's pages and holds them itself.
-        if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) } {
-            self.failed_map(&mut areas, &e, flags, iova, len, ());
-            return Err(e);
+        let placed = self.place_and_map(&mut areas, OP, at, len, offset, |flags, iova| {
+            let mut arg = sys::iommu_ioas_map_file::new();
+            arg.ioas_id = self.id();
+            arg.flags = flags | access.bits();
+            arg.fd = file.as_raw_fd();
+            arg.start = offset;
+            arg.length = len;
+            arg.iova = iova;
+            // SAFETY: IOMMU_IOAS_MAP_FILE takes `iommu_ioas_map_file`, sized by `new()`, with no
+            // pointers; `fd` is borrowed open for the call. The kernel pins the file's pages and holds
+            // them itself.
+            unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) }?;
+            Ok(arg.iova)
+        });
+        match placed {
+            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
+            Err((e, flags, iova)) => {
+                self.failed_map(&mut areas, &e, flags, iova, len, ());
+                Err(e)
+            }
         }
-        Ok(self.guard(&mut areas, arg.iova, len, access, ()))
     }
 
     /// Maps the memory behind `src` (a mapping in any IOAS of the same iommufd, this one included) into
@@ -613,21 +755,26 @@ impl Ioas {
         // Only this IOAS's areas change. The source range cannot go away meanwhile: it is owned by
         // `src`, which is borrowed for the call, and `unmap_range`/`unmap_all` refuse owned ranges.
         let mut areas = self.inner.lock(OP)?;
-        let (flags, iova) = self.check_free(&areas, OP, at, src.len)?;
-        let mut arg = sys::iommu_ioas_copy::new();
-        arg.flags = flags | access.bits();
-        arg.dst_ioas_id = self.id();
-        arg.src_ioas_id = src.ioas.id();
-        arg.length = src.len;
-        arg.dst_iova = iova;
-        arg.src_iova = src.iova;
-        // SAFETY: IOMMU_IOAS_COPY takes `iommu_ioas_copy`, sized by `new()`, with no pointers. The new
-        // range shares pages the source guard keeps alive; the new guard holds them too.
-        if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) } {
-            self.failed_map(&mut areas, &e, flags, iova, src.len, held);
-            return Err(e);
+        let placed = self.place_and_map(&mut areas, OP, at, src.len, src.iova, |flags, iova| {
+            let mut arg = sys::iommu_ioas_copy::new();
+            arg.flags = flags | access.bits();
+            arg.dst_ioas_id = self.id();
+            arg.src_ioas_id = src.ioas.id();
+            arg.length = src.len;
+            arg.dst_iova = iova;
+            arg.src_iova = src.iova;
+            // SAFETY: IOMMU_IOAS_COPY takes `iommu_ioas_copy`, sized by `new()`, with no pointers. The
+            // new range shares pages the source guard keeps alive; the new guard holds them too.
+            unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) }?;
+            Ok(arg.dst_iova)
+        });
+        match placed {
+            Ok(iova) => Ok(self.guard(&mut areas, iova, src.len, access, held)),
+            Err((e, flags, iova)) => {
+                self.failed_map(&mut areas, &e, flags, iova, src.len, held);
+                Err(e)
+            }
         }
-        Ok(self.guard(&mut areas, arg.dst_iova, src.len, access, held))
     }
 
     /// Unmaps every area fully inside `[iova, iova+len)` that no [`Mapping`] guard owns
@@ -735,7 +882,8 @@ impl Ioas {
     pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
         const OP: &str = "IOMMU_OPTION";
         // Under the area lock: the kernel's answer depends on whether areas exist.
-        let _areas = self.inner.lock(OP)?;
+        let mut areas = self.inner.lock(OP)?;
+        areas.free = None;
         self.iommufd().set_option(sys::IOMMU_OPTION_HUGE_PAGES, self.id(), enabled as u64)?;
         // The alignment may have changed; the next fixed map re-learns it from the kernel.
         self.inner.alignment.store(0, Ordering::Relaxed);

@@ -104,6 +104,7 @@ mod ioctl;
 mod iommufd;
 mod nested;
 mod object;
+mod placement;
 pub mod probe;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
