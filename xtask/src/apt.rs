@@ -115,7 +115,11 @@ fn parse_package_info(text: &str, name: &str, version: &str) -> Result<Option<Pa
 
 impl Apt {
     pub fn new() -> Result<Self> {
-        let root = cache_dir().join("apt");
+        Self::at(cache_dir().join("apt"))
+    }
+
+    /// A private apt configuration under `root`.
+    fn at(root: PathBuf) -> Result<Self> {
         let lists = root.join(lists_dir_name(SOURCES));
         for d in [root.join("etc/sources.list.d"), lists.join("partial"), root.join("archives/partial")] {
             std::fs::create_dir_all(d)?;
@@ -359,6 +363,47 @@ SHA256: 1111111111111111111111111111111111111111111111111111111111111111
         assert!(is_fresh(now - hour, now, LISTS_MAX_AGE));
         assert!(!is_fresh(now - 25 * hour, now, LISTS_MAX_AGE));
         assert!(!is_fresh(now + hour, now, LISTS_MAX_AGE), "a stamp from the future is stale");
+    }
+
+    /// The versions of `name` that the lists know (the first stanza's first).
+    fn listed_versions(apt: &Apt, name: &str) -> Vec<String> {
+        let out = Command::new("apt-cache").args(apt.opts()).arg("show").arg(name).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().filter_map(|l| l.strip_prefix("Version: ")).map(str::to_string).collect()
+    }
+
+    #[test]
+    #[ignore = "needs deb.debian.org and root (apt-get)"]
+    fn a_corrupt_cached_deb_is_downloaded_again() {
+        let root = std::env::temp_dir().join(format!("xtask-apt-{}", std::process::id()));
+        let result = std::panic::catch_unwind(|| {
+            let apt = Apt::at(root.clone()).unwrap();
+            apt.update(true).unwrap();
+            // The `linux-source` metapackage: about 1 KiB, in both backports suites.
+            let name = "linux-source";
+            let version = listed_versions(&apt, name).into_iter().next().expect("linux-source is listed");
+            let deb = apt.download(name, &version).unwrap();
+            let good = std::fs::read(&deb).unwrap();
+            assert_eq!(sha256_hex(&good), apt.info(name, &version).unwrap().unwrap().sha256);
+
+            // Same size, one byte changed: only the hash can tell.
+            let mut bad = good.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 0xff;
+            std::fs::write(&deb, &bad).unwrap();
+            assert!(apt.verify(&deb, name, &version).is_err());
+            let again = apt.download(name, &version).unwrap();
+            assert_eq!(std::fs::read(&again).unwrap(), good, "the corrupt copy was reused");
+
+            // Truncated.
+            std::fs::write(&deb, &good[..good.len() / 2]).unwrap();
+            let again = apt.download(name, &version).unwrap();
+            assert_eq!(std::fs::read(&again).unwrap(), good, "the truncated copy was reused");
+        });
+        let _ = std::fs::remove_dir_all(&root);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     #[test]
