@@ -19,7 +19,7 @@ pub fn kill_with_parent(cmd: &mut Command) -> &mut Command {
     // constant) and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // xtask may have died between fork and prctl: then no signal will ever come.
