@@ -31,18 +31,22 @@ pub fn installed_version(name: &str) -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_installed(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The version in `dpkg-query -f '${Status}\t${Version}'` output, if the package is installed.
+fn parse_installed(text: &str) -> Option<String> {
     let (status, version) = text.split_once('\t')?;
     (status.trim() == "install ok installed").then(|| version.trim().to_string())
 }
 
 fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| status_says_root(&s))
+}
+
+/// True if `/proc/<pid>/status` text gives a real UID of 0.
+fn status_says_root(status: &str) -> bool {
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next()) == Some("0")
 }
 
 fn needs_install(p: &Pkg) -> bool {
@@ -201,4 +205,27 @@ pub fn lock(path: &Path, what: &str) -> Result<std::fs::File> {
         Err(std::fs::TryLockError::Error(e)) => return Err(format!("locking {}: {e}", path.display()).into()),
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpkg_query_output_is_parsed() {
+        assert_eq!(
+            parse_installed("install ok installed\t1:10.0.7+ds-1~bpo12+1"),
+            Some("1:10.0.7+ds-1~bpo12+1".into())
+        );
+        assert_eq!(parse_installed("deinstall ok config-files\t1.36.1-9"), None);
+        assert_eq!(parse_installed("unknown ok not-installed\t"), None);
+        assert_eq!(parse_installed(""), None);
+    }
+
+    #[test]
+    fn root_is_read_from_the_real_uid() {
+        assert!(status_says_root("Name:\tx\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n"));
+        assert!(!status_says_root("Uid:\t1000\t0\t0\t0\n"), "only the real UID counts");
+        assert!(!status_says_root("Name:\tx\n"));
+    }
 }

@@ -35,20 +35,26 @@ fn bind_vfio_pci(addr: &str, sysfs: &std::path::Path) -> Result<()> {
     }
 }
 
-pub fn hw_test(args: &[String]) -> Result<()> {
+/// `hw-test`'s arguments: the device address, `--bind`, and the arguments for the test binaries.
+fn parse_args(args: &[String]) -> Result<(String, bool, Vec<String>)> {
     let mut device = None;
     let mut bind = false;
     let mut rest = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--device" => device = it.next().cloned(),
+            "--device" => device = Some(it.next().ok_or("hw-test: --device wants an address")?.clone()),
             "--bind" => bind = true,
             "--" => rest.extend(it.by_ref().cloned()),
             other => return Err(format!("hw-test: unknown argument {other:?}").into()),
         }
     }
     let addr = device.ok_or("hw-test: --device 0000:BB:DD.F is required")?;
+    Ok((addr, bind, rest))
+}
+
+pub fn hw_test(args: &[String]) -> Result<()> {
+    let (addr, bind, rest) = parse_args(args)?;
     let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&addr);
     if !sysfs.exists() {
         return Err(format!("hw-test: no PCI device {addr} in sysfs").into());
@@ -75,4 +81,29 @@ pub fn hw_test(args: &[String]) -> Result<()> {
     cmd.env("IOMMUFD_TEST_DEVICE", &addr).env("IOMMUFD_TEST_IOMMU", "hardware");
     eprintln!("hw-test: running {GENERIC_TESTS:?} against {addr}");
     run(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn arguments_are_parsed() {
+        let (addr, bind, rest) =
+            parse_args(&args(&["--device", "0000:00:03.0", "--", "ioas", "--bind"])).unwrap();
+        assert_eq!((addr.as_str(), bind, rest), ("0000:00:03.0", false, args(&["ioas", "--bind"])));
+        let (_, bind, rest) = parse_args(&args(&["--bind", "--device", "0000:00:03.0"])).unwrap();
+        assert!(bind && rest.is_empty());
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        for bad in [&[][..], &["--device"], &["--bind"], &["--device", "x", "--frob"]] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

@@ -5,14 +5,15 @@
 //! holds in the final `.config`. The bzImage is cached under `<cache>/kernel/` keyed by the source version
 //! and a hash of the fragment, so a second run returns at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::apt::Apt;
 use crate::host::{self, Pkg};
+use crate::process::Guarded;
 use crate::{Result, cache_dir, run, workspace_root};
 
 /// Debian package holding the kernel source tarball, and its pinned version.
@@ -233,48 +234,12 @@ fn verify_config(wanted: &BTreeMap<String, Option<String>>, config: &str) -> Res
 
 /// `make bzImage`, full output to `log`, a progress line on the terminal every 15 s.
 fn build_logged(src: &Path, build: &Path, jobs: usize, log_path: &Path) -> Result<()> {
-    let (reader, writer) = std::io::pipe()?;
     let mut cmd = make_cmd(src, build);
-    cmd.arg(format!("-j{jobs}"))
-        .arg("bzImage")
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone()?)
-        .stderr(writer);
-    let mut child = cmd.spawn().map_err(|e| format!("make: {e}"))?;
-    drop(cmd); // closes our copies of the pipe's write end, so the reader sees EOF when make exits
-    let mut log = std::io::BufWriter::new(std::fs::File::create(log_path)?);
+    cmd.arg(format!("-j{jobs}")).arg("bzImage");
     let started = Instant::now();
-    let mut last = Instant::now();
-    let (mut compiled, mut linked) = (0usize, 0usize);
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    for line in BufReader::new(reader).lines() {
-        let line = line?;
-        writeln!(log, "{line}")?;
-        let step = line.split_whitespace().next().unwrap_or("");
-        match step {
-            "CC" | "AS" => compiled += 1,
-            "LD" | "AR" | "OBJCOPY" => linked += 1,
-            _ => {}
-        }
-        if line.contains("vmlinux") && step == "LD" || line.contains("bzImage") && step == "BUILD" {
-            eprintln!("kernel: [{:>4}s] {}", started.elapsed().as_secs(), line.trim());
-        }
-        if last.elapsed() >= Duration::from_secs(15) {
-            eprintln!(
-                "kernel: [{:>4}s] still building: {compiled} compiled, {linked} linked",
-                started.elapsed().as_secs()
-            );
-            last = Instant::now();
-        }
-        if tail.len() == 40 {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    log.flush()?;
-    let status = child.wait()?;
+    let mut progress = Progress::new(started);
+    let (status, tail) = run_logged(cmd, log_path, |line| progress.line(line))?;
     if !status.success() {
-        let tail: Vec<String> = tail.into_iter().collect();
         return Err(format!(
             "make bzImage failed ({status}); last lines of {}:\n{}",
             log_path.display(),
@@ -282,6 +247,186 @@ fn build_logged(src: &Path, build: &Path, jobs: usize, log_path: &Path) -> Resul
         )
         .into());
     }
-    eprintln!("kernel: make finished in {:.0?}: {compiled} compiled, {linked} linked", started.elapsed());
+    eprintln!(
+        "kernel: make finished in {:.0?}: {} compiled, {} linked",
+        started.elapsed(),
+        progress.compiled,
+        progress.linked
+    );
     Ok(())
+}
+
+/// Counts kbuild's step lines and prints the milestones and a line every 15 s.
+struct Progress {
+    started: Instant,
+    last: Instant,
+    compiled: usize,
+    linked: usize,
+}
+
+impl Progress {
+    fn new(started: Instant) -> Self {
+        Progress { started, last: started, compiled: 0, linked: 0 }
+    }
+
+    fn line(&mut self, line: &str) {
+        let step = line.split_whitespace().next().unwrap_or("");
+        match step {
+            "CC" | "AS" => self.compiled += 1,
+            "LD" | "AR" | "OBJCOPY" => self.linked += 1,
+            _ => {}
+        }
+        if line.contains("vmlinux") && step == "LD" || line.contains("bzImage") && step == "BUILD" {
+            eprintln!("kernel: [{:>4}s] {}", self.started.elapsed().as_secs(), line.trim());
+        }
+        if self.last.elapsed() >= Duration::from_secs(15) {
+            eprintln!(
+                "kernel: [{:>4}s] still building: {} compiled, {} linked",
+                self.started.elapsed().as_secs(),
+                self.compiled,
+                self.linked
+            );
+            self.last = Instant::now();
+        }
+    }
+}
+
+/// Runs `cmd` with stdout and stderr (merged) written to `log_path` and each line, decoded lossily
+/// (a compiler may quote non-UTF-8 bytes from a source file), passed to `on_line`. Returns the exit
+/// status and the last 40 lines. The child is always waited for: if reading or logging fails, it is
+/// killed first (and if xtask dies, the kernel kills it).
+fn run_logged(
+    mut cmd: Command,
+    log_path: &Path,
+    mut on_line: impl FnMut(&str),
+) -> Result<(ExitStatus, Vec<String>)> {
+    let (reader, writer) = std::io::pipe()?;
+    cmd.stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = Guarded::spawn(&mut cmd).map_err(|e| format!("{program}: {e}"))?;
+    drop(cmd); // closes our copies of the pipe's write end, so the reader sees EOF when the child exits
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let copy = || -> Result<()> {
+        let mut log = std::io::BufWriter::new(std::fs::File::create(log_path)?);
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            if reader.read_until(b'\n', &mut buf)? == 0 {
+                break;
+            }
+            log.write_all(&buf)?;
+            let line = String::from_utf8_lossy(&buf);
+            let line = line.trim_end_matches(['\r', '\n']);
+            on_line(line);
+            if tail.len() == 40 {
+                tail.pop_front();
+            }
+            tail.push_back(line.to_string());
+        }
+        log.flush()?;
+        Ok(())
+    };
+    let copied = copy();
+    if let Err(e) = copied {
+        let status = child.kill()?;
+        return Err(format!(
+            "{program} (killed, {status}): reading its output into {}: {e}",
+            log_path.display()
+        )
+        .into());
+    }
+    let status = child.wait()?;
+    Ok((status, tail.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn non_utf8_output_is_logged_and_the_child_waited_for() {
+        let log = temp_path("run-logged.log");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r"printf 'CC a.o\n\377\376 bad byte\n'; printf 'LD vmlinux\n' >&2; exit 3"]);
+        let mut seen = Vec::new();
+        let result = run_logged(cmd, &log, |l| seen.push(l.to_string()));
+        let logged = std::fs::read(&log);
+        let _ = std::fs::remove_file(&log);
+        let (status, tail) = result.unwrap();
+        assert_eq!(status.code(), Some(3), "the exit status is the child's");
+        assert_eq!(seen, ["CC a.o", "\u{fffd}\u{fffd} bad byte", "LD vmlinux"]);
+        assert_eq!(tail, seen);
+        assert_eq!(
+            logged.unwrap(),
+            b"CC a.o\n\xff\xfe bad byte\nLD vmlinux\n",
+            "the log keeps the raw bytes"
+        );
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_written_kills_and_reaps_the_child() {
+        let log = temp_path("no-such-dir").join("build.log");
+        let mut cmd = Command::new("sleep");
+        cmd.arg("1000");
+        let started = Instant::now();
+        let err = run_logged(cmd, &log, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(60), "waited for the child instead of killing it");
+    }
+
+    #[test]
+    fn progress_counts_kbuild_steps() {
+        let mut p = Progress::new(Instant::now());
+        for l in [
+            "  CC      mm/mmap.o",
+            "  AS      arch/x86/a.o",
+            "  LD      vmlinux",
+            "  AR      lib.a",
+            "make[1]: x",
+        ] {
+            p.line(l);
+        }
+        assert_eq!((p.compiled, p.linked), (2, 2));
+    }
+
+    #[test]
+    fn fragment_lines_are_parsed() {
+        let wanted =
+            parse_fragment("# comment\n\nCONFIG_A=y\nCONFIG_B=\"x=y\"\n# CONFIG_C is not set\n").unwrap();
+        let expect: BTreeMap<String, Option<String>> = [
+            ("CONFIG_A".to_string(), Some("y".to_string())),
+            ("CONFIG_B".to_string(), Some("\"x=y\"".to_string())),
+            ("CONFIG_C".to_string(), None),
+        ]
+        .into();
+        assert_eq!(wanted, expect);
+        assert!(parse_fragment("CONFIG_A\n").is_err(), "an option without a value");
+        assert!(parse_fragment("A=y\n").is_err(), "not an option");
+    }
+
+    #[test]
+    fn config_verification_lists_every_unmet_option() {
+        let wanted =
+            parse_fragment("CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\n# CONFIG_D is not set\n").unwrap();
+        verify_config(&wanted, "CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\nCONFIG_D=n\n").unwrap();
+        let err = verify_config(&wanted, "CONFIG_A=m\nCONFIG_C=y\n").unwrap_err().to_string();
+        assert!(err.starts_with("3 fragment option(s)"), "{err}");
+        assert!(err.contains("CONFIG_A: wanted y, got m"), "{err}");
+        assert!(err.contains("CONFIG_B: wanted m, got not set"), "{err}");
+        assert!(err.contains("CONFIG_C: wanted not set, got y"), "{err}");
+    }
+
+    #[test]
+    fn the_committed_fragment_parses_and_keys_the_cache_stably() {
+        let fragment = std::fs::read_to_string(fragment_path()).unwrap();
+        assert!(!parse_fragment(&fragment).unwrap().is_empty());
+        // The cache key must not change with the toolchain: FNV-1a's published test vectors.
+        assert_eq!(fnv64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
 }

@@ -4,6 +4,7 @@ mod apt;
 mod host;
 mod hw;
 mod kernel;
+mod process;
 mod sys;
 mod vm;
 
@@ -31,23 +32,31 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "\
+/// The usage text (its defaults come from the code that applies them).
+fn usage() -> String {
+    format!(
+        "\
 usage: cargo xtask <task>
   gen-sys     regenerate sys/src/bindings.rs from the pinned uAPI headers (needs libclang)
   check-sys   regenerate into the cache and fail if the committed bindings differ (drift check)
   kernel      build (or reuse the cached) test-VM kernel from Debian's pinned linux-source; prints its path
-  vm-test [--iommu intel|virtio] [--timeout SECS] [-v] [-- ARGS]
+  vm-test [--iommu intel|virtio|both] [--timeout SECS] [-v] [-- ARGS]
               run tests/*.rs (and examples/edu_dma) inside QEMU VMs booting that kernel, under intel-iommu
               then virtio-iommu (or just the one named); ARGS go to every test binary; -v streams the
-              guest console (always saved to .cache/vm/console-<iommu>.log); default timeout 300 s a VM
+              guest console (always saved to .cache/vm/console-<iommu>.log); default timeout {timeout} s a VM;
+              a VM that times out fails the run
   test [--host-only]
               every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
               /dev/iommu are ignored there), then the VM suite (vm-test)
   hw-test --device ADDR [--bind] [-- ARGS]
               run the device-generic tests (ioas, device, raii) against the real PCI device ADDR, which
               must be bound to vfio-pci (--bind rebinds it, detaching it from its current driver)
-  vm-demo     boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
-";
+  vm-demo [--timeout SECS]
+              boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
+",
+        timeout = vm::DEFAULT_TIMEOUT_SECS
+    )
+}
 
 /// `cargo xtask test`: the project's one test command.
 fn test(args: &[String]) -> Result<()> {
@@ -77,12 +86,22 @@ fn main() {
         Some("test") => test(&args[1..]),
         Some("hw-test") => hw::hw_test(&args[1..]),
         _ => {
-            eprint!("{USAGE}");
+            eprint!("{}", usage());
             std::process::exit(2);
         }
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn usage_states_the_default_timeout_the_code_uses() {
+        let text = super::usage();
+        let stated = format!("default timeout {} s", super::vm::DEFAULT_TIMEOUT_SECS);
+        assert!(text.contains(&stated), "usage does not say {stated:?}:\n{text}");
     }
 }
