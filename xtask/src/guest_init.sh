@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of the iommufd test VM, packed into the initramfs by `cargo xtask vm-test` / `vm-demo`.
 #
-# The kernel command line passes IOMMUFD_TEST_IOMMU (intel|virtio) and IOMMUFD_VM_MODE (test|demo) as
+# The kernel command line passes IOMMUFD_TEST_IOMMU (intel|virtio) and IOMMUFD_VM_MODE (test|demo|bench) as
 # environment variables. Results go to two places: the console (ttyS0, shared with kernel messages) for
 # people, and ttyS1 (only this script writes there) for the host to parse, one marker a line:
 #   begin NAME | result NAME <libtest summary line> | end NAME rc=N | done status=N | error TEXT
@@ -112,6 +112,12 @@ test)
         run_one example/edu_dma /examples/edu_dma
     fi
     ;;
-*) fail "IOMMUFD_VM_MODE must be test or demo, got '$IOMMUFD_VM_MODE'" ;;
+bench)
+    for b in /bench/*; do
+        [ -x "$b" ] || fail "no benchmark in the initramfs"
+        run_one "bench/${b##*/}" "$b"
+    done
+    ;;
+*) fail "IOMMUFD_VM_MODE must be test, demo or bench, got '$IOMMUFD_VM_MODE'" ;;
 esac
 finish $status

@@ -53,8 +53,12 @@ usage: cargo xtask <task>
               must be bound to vfio-pci (--bind rebinds it, detaching it from its current driver)
   vm-demo [--timeout SECS]
               boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
+  bench [--timeout SECS]
+              boot the VM (intel-iommu) once and run benches/sdk_vs_raw (bench profile): the SDK/raw
+              time ratio per operation, with its spread over rounds (default timeout {bench_timeout} s)
 ",
-        timeout = vm::DEFAULT_TIMEOUT_SECS
+        timeout = vm::DEFAULT_TIMEOUT_SECS,
+        bench_timeout = vm::BENCH_TIMEOUT_SECS
     )
 }
 
@@ -83,6 +87,7 @@ fn main() {
         Some("kernel") => kernel::kernel(),
         Some("vm-test") => vm::vm_test(&args[1..]),
         Some("vm-demo") => vm::vm_demo(&args[1..]),
+        Some("bench") => vm::vm_bench(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("hw-test") => hw::hw_test(&args[1..]),
         _ => {

@@ -65,6 +65,7 @@ impl Iommu {
 enum Mode {
     Test,
     Demo,
+    Bench,
 }
 
 struct Options {
@@ -113,7 +114,7 @@ fn parse_options(args: &[String], demo: bool) -> Result<Options> {
 pub fn vm_test(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let opts = parse_options(args, false)?;
-    let prepared = prepare(&opts)?;
+    let prepared = prepare(&opts, Mode::Test)?;
     let mut runs = Vec::new();
     for &iommu in &opts.iommus {
         // A guest that does not finish in time fails the run; it is not booted again. A hang is either
@@ -162,13 +163,29 @@ fn console_path(iommu: Iommu) -> PathBuf {
 /// `cargo xtask vm-demo [--timeout SECS]`: only the `edu_dma` example, under intel-iommu, output streamed.
 pub fn vm_demo(args: &[String]) -> Result<()> {
     let opts = parse_options(args, true)?;
-    let prepared = prepare(&opts)?;
+    let prepared = prepare(&opts, Mode::Demo)?;
     if !prepared.has_edu_dma {
         return Err("the root crate has no `edu_dma` example (examples/edu_dma.rs) yet".into());
     }
     let outcome = boot(&prepared, Iommu::Intel, Mode::Demo, &opts)?;
     if outcome.ok() { Ok(()) } else { Err("vm-demo failed (see above)".into()) }
 }
+
+/// `cargo xtask bench [--timeout SECS]`: the SDK/raw benchmark (`benches/sdk_vs_raw.rs`, built with
+/// the bench profile) in one VM boot under intel-iommu, output streamed. Every ratio it prints comes
+/// from that one boot.
+pub fn vm_bench(args: &[String]) -> Result<()> {
+    let mut opts = parse_options(args, true)?;
+    if !args.iter().any(|a| a == "--timeout") {
+        opts.timeout = Duration::from_secs(BENCH_TIMEOUT_SECS);
+    }
+    let prepared = prepare(&opts, Mode::Bench)?;
+    let outcome = boot(&prepared, Iommu::Intel, Mode::Bench, &opts)?;
+    if outcome.ok() { Ok(()) } else { Err("bench failed (see above)".into()) }
+}
+
+/// The bench's default guest timeout: its heavy operations take minutes under TCG.
+pub const BENCH_TIMEOUT_SECS: u64 = 900;
 
 struct Prepared {
     kernel: PathBuf,
@@ -178,13 +195,13 @@ struct Prepared {
     _lock: std::fs::File,
 }
 
-fn prepare(opts: &Options) -> Result<Prepared> {
+fn prepare(opts: &Options, mode: Mode) -> Result<Prepared> {
     // The initramfs, console logs and result files are shared paths: one vm-test/vm-demo at a time.
     let lock = host::lock(&cache_dir().join("vm/.lock"), "vm")?;
     host::ensure("cargo xtask vm-test", VM_DEPS)?;
     let kernel = kernel::ensure_kernel()?;
     let t = Instant::now();
-    let bins = build_binaries()?;
+    let bins = build_binaries(mode)?;
     let (n_tests, n_examples, secs) = (bins.tests.len(), bins.examples.len(), t.elapsed().as_secs_f64());
     eprintln!("vm: built {n_tests} test binaries and {n_examples} examples in {secs:.1}s");
     let has_edu_dma = bins.examples.iter().any(|(name, _)| name == "edu_dma");
@@ -199,6 +216,7 @@ struct Binaries {
     /// (file name in the guest, path on the host)
     tests: Vec<(String, PathBuf)>,
     examples: Vec<(String, PathBuf)>,
+    benches: Vec<(String, PathBuf)>,
 }
 
 fn cargo(what: &[&str]) -> Command {
@@ -270,7 +288,20 @@ fn parse_executables(stdout: &[u8]) -> Result<Vec<(String, String, PathBuf)>> {
     Ok(found)
 }
 
-fn build_binaries() -> Result<Binaries> {
+fn build_binaries(mode: Mode) -> Result<Binaries> {
+    if mode == Mode::Bench {
+        eprintln!("vm: building the root crate's benchmark (static, bench profile, --target {TARGET})");
+        let mut benches = Vec::new();
+        for (kind, name, path) in cargo_executables(cargo(&["bench", "--no-run", "--bench", "sdk_vs_raw"]))? {
+            if kind == "bench" {
+                if !is_static(&path)? {
+                    return Err(format!("{name} ({}) is not statically linked", path.display()).into());
+                }
+                benches.push((name, path));
+            }
+        }
+        return Ok(Binaries { tests: Vec::new(), examples: Vec::new(), benches });
+    }
     eprintln!("vm: building the root crate's tests and examples (static, --target {TARGET})");
     let mut tests = Vec::new();
     for (kind, name, path) in cargo_executables(cargo(&["test", "--no-run", "--tests"]))? {
@@ -290,7 +321,7 @@ fn build_binaries() -> Result<Binaries> {
             return Err(format!("{name} ({}) is not statically linked", path.display()).into());
         }
     }
-    Ok(Binaries { tests, examples })
+    Ok(Binaries { tests, examples, benches: Vec::new() })
 }
 
 /// True if the ELF file has no PT_INTERP program header (no dynamic loader needed).
@@ -340,7 +371,7 @@ fn pack_initramfs(bins: &Binaries, test_args: &[String]) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let cpio_path = dir.join("initramfs.cpio");
     let mut w = Initramfs::new(std::io::BufWriter::new(std::fs::File::create(&cpio_path)?));
-    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "tests", "examples"] {
+    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "tests", "examples", "bench"] {
         w.dir(d)?;
     }
     w.char_dev("dev/console", 5, 1)?;
@@ -353,6 +384,9 @@ fn pack_initramfs(bins: &Binaries, test_args: &[String]) -> Result<PathBuf> {
     }
     for (name, path) in &bins.examples {
         w.file(&format!("examples/{name}"), 0o755, &std::fs::read(path)?)?;
+    }
+    for (name, path) in &bins.benches {
+        w.file(&format!("bench/{name}"), 0o755, &std::fs::read(path)?)?;
     }
     w.finish()?.flush()?;
     eprintln!(
@@ -455,6 +489,7 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
     let mode = match mode {
         Mode::Test => "test",
         Mode::Demo => "demo",
+        Mode::Bench => "bench",
     };
     // no_timer_check: under TCG on a loaded host the guest's check that the timer interrupt arrives
     // through the (interrupt-remapped) IO-APIC can time out and panic the boot; the timer works.
