@@ -4,8 +4,8 @@
 //! `fail_iommufd` points).
 //!
 //! For n = 1, 2, ... the sequence runs with the n-th failure point armed (only while an SDK call of
-//! the sequence runs), until a run passes every point without reaching the n-th: n - 1 is then the
-//! number of injection points the sequence has. After every run, whatever it returned:
+//! the sequence runs), until a run passes every point without reaching the n-th: the points that run
+//! passed are the injection points the sequence has. After every run, whatever it returned:
 //!
 //! - nothing panicked, and every failure came from a call during which the injected fault fired;
 //! - with every handle dropped, each kernel object id the run recorded is gone (`IOMMU_DESTROY`
@@ -14,9 +14,9 @@
 //! - no page stays pinned (the mock's `check_refs` on the memfd pages the sequence maps and on the
 //!   buffer, when the run got it back);
 //!
-//! and a clean run of the sequence right after each faulted one succeeds and passes the same checks. The number of points each sequence hit
-//! is printed (it shows in the VM console), and must be above a floor that proves the injection
-//! reached the kernel paths behind the calls.
+//! and a clean run of the sequence right after each faulted one succeeds and passes the same checks.
+//! The number of points each sequence hit is printed (it shows in the VM console), and must be above a
+//! floor that proves the injection reached the kernel paths behind the calls.
 //!
 //! Build with `--features testing`; the tests need `/dev/iommu` from a kernel with
 //! `CONFIG_IOMMUFD_TEST` and `CONFIG_FAULT_INJECTION_DEBUG_FS`, so they are ignored on the host and
