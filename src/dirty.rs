@@ -89,11 +89,12 @@ impl DirtyBitmap {
     /// multiples; `length` must be non-zero and the range must not wrap. The kernel additionally wants
     /// `iova` and `length` aligned to the IOAS's IOVA alignment (`EINVAL` otherwise).
     ///
-    /// The bitmap proper takes `length / page_size / 8` bytes, rounded up to whole `u64`s; the buffer
-    /// holding it is that rounded up to whole pages, plus three pages. The kernel records a dirty huge
-    /// IOMMU page (2 MiB, 1 GiB) as a whole and so may set bits past the requested length, as far as
-    /// the end of the bitmap pages it pinned: the buffer has room for all of them (they are dropped;
-    /// only the requested range is reported).
+    /// The bitmap proper takes `length / page_size / 8` bytes, rounded up to whole `u64`s. The kernel
+    /// records a dirty huge IOMMU page (2 MiB, 1 GiB) as a whole and so may set bits past the
+    /// requested length, as far as the end of the bitmap pages it pinned, which can be one page past
+    /// the bitmap's last: the buffer handed to it is page-aligned and has room for all of them (they
+    /// are dropped; only the requested range is reported). It takes the bitmap rounded up to whole
+    /// pages plus three: that page, a guard page after it, and alignment.
     pub fn new(iova: u64, length: u64, page_size: u64) -> Result<DirtyBitmap> {
         let words = bitmap_words(iova, length, page_size)?;
         let buf = KernelBitmap::new(GET_BITMAP, words)?;
@@ -157,7 +158,7 @@ impl DirtyBitmap {
     }
 
     /// The whole buffer the kernel may write and the guard page after it.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(feature = "testing")]
     pub(crate) fn kernel_buffer(&self) -> (&[u64], &[u64]) {
         (self.buf.span(), self.buf.guard())
     }
@@ -252,6 +253,13 @@ impl KernelBitmap {
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn span(&self) -> &[u64] {
         &self.buf[self.start..self.start + self.span]
+    }
+
+    /// Everything the kernel may write, for tests that write as the kernel does.
+    #[cfg(test)]
+    pub(crate) fn span_mut(&mut self) -> &mut [u64] {
+        let (start, span) = (self.start, self.span);
+        &mut self.buf[start..start + span]
     }
 
     /// The guard page after the span (all zero unless the kernel wrote past its bound).
@@ -360,8 +368,9 @@ impl Iterator for DirtyRanges<'_> {
         }
         let end = b.find(start, false);
         self.next_bit = end;
-        // `end * page_size <= length` and `iova + length - 1` does not overflow (checked by `new`).
-        Some(IovaRange { start: b.iova + start * b.page_size, last: b.iova + end * b.page_size - 1 })
+        // `start < end <= pages`, so `end * page_size <= length`, and `iova + (length - 1)` does not
+        // overflow (checked by `new`; `iova + length` may: the range may end at the top of the space).
+        Some(IovaRange { start: b.iova + start * b.page_size, last: b.iova + (end * b.page_size - 1) })
     }
 }
 
@@ -570,6 +579,14 @@ mod tests {
     }
 
     #[test]
+    fn ranges_at_the_top_of_the_iova_space() {
+        // The last range ends at u64::MAX: `iova + length` overflows, `iova + (length - 1)` does not.
+        let b = bitmap(u64::MAX - 4 * 4096 + 1, 4, 4096, &[1, 2, 3]);
+        assert_eq!(b.iter_ranges().collect::<Vec<_>>(), vec![r(u64::MAX - 3 * 4096 + 1, u64::MAX)]);
+        assert!(b.is_dirty(u64::MAX) && !b.is_dirty(u64::MAX - 3 * 4096));
+    }
+
+    #[test]
     fn bits_past_the_end_are_ignored() {
         // The kernel never sets them, but a stray bit in the last word's tail must not count.
         let mut b = bitmap(0, 10, 4096, &[9]);
@@ -579,5 +596,307 @@ mod tests {
         b.clear();
         assert!(b.is_clean());
         assert_eq!(b.as_words(), &[0]);
+    }
+}
+
+/// Property tests: the request validation, the buffer layout against a model of the kernel's
+/// `iova_bitmap.c`, and the decoding of whatever bits the kernel leaves, for any input.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// The kernel's `drivers/iommu/iommufd/iova_bitmap.c` (Linux 7.3), for a user bitmap at a
+    /// page-aligned address: records which bits `iova_bitmap_set` writes, as `(first bit, count)`
+    /// runs counted from the bitmap's start, with every pin succeeding.
+    struct KernelModel {
+        page: u64,
+        iova: u64,
+        length: u64,
+        pgshift: u32,
+        total: u64,
+        base: u64,
+        /// The pinned window: first page (from the bitmap's start), count, and what it maps.
+        first_page: u64,
+        npages: u64,
+        m_iova: u64,
+        m_length: u64,
+        pgoff: u64,
+        written: Vec<(u64, u64)>,
+    }
+
+    impl KernelModel {
+        fn new(page: u64, iova: u64, length: u64, page_size: u64) -> KernelModel {
+            let pgshift = page_size.trailing_zeros();
+            let total = ((length - 1) >> pgshift) / 64 + 1;
+            KernelModel {
+                page,
+                iova,
+                length,
+                pgshift,
+                total,
+                base: 0,
+                first_page: 0,
+                npages: 0,
+                m_iova: iova,
+                m_length: 0,
+                pgoff: 0,
+                written: Vec::new(),
+            }
+        }
+
+        fn index_to_offset(&self, index: u64) -> u64 {
+            (index * 64) << self.pgshift
+        }
+
+        /// `iova_bitmap_get`.
+        fn get(&mut self) {
+            let addr = self.base * 8;
+            let npages = ((self.total - self.base) * 8).div_ceil(self.page);
+            self.npages = (npages + u64::from(addr % self.page != 0)).min(self.page / 8);
+            self.first_page = addr / self.page;
+            self.m_iova = self.iova.wrapping_add(self.index_to_offset(self.base));
+            self.pgoff = addr % self.page;
+            // `iova_bitmap_mapped_length`.
+            let max_iova = self.iova.wrapping_add(self.length).wrapping_sub(1);
+            let bytes = self.npages * self.page - self.pgoff;
+            let remaining = (self.total - self.base).min(bytes.div_ceil(8));
+            let mut remaining = self.index_to_offset(remaining);
+            let end = self.m_iova.wrapping_add(remaining).wrapping_sub(1);
+            if end > max_iova {
+                remaining -= end - max_iova;
+            }
+            self.m_length = remaining;
+        }
+
+        /// `iova_bitmap_advance_to`.
+        fn advance_to(&mut self, iova: u64) -> bool {
+            let index = (iova.wrapping_sub(self.iova) >> self.pgshift) / 64;
+            if index >= self.total {
+                return false;
+            }
+            self.base = index;
+            self.get();
+            true
+        }
+
+        /// `iova_bitmap_mapped_range`.
+        fn mapped_range(&self, iova: u64, length: u64) -> bool {
+            self.npages != 0
+                && iova >= self.m_iova
+                && iova.wrapping_add(length).wrapping_sub(1)
+                    <= self.m_iova.wrapping_add(self.m_length).wrapping_sub(1)
+        }
+
+        /// `iova_bitmap_set`.
+        fn set(&mut self, mut iova: u64, mut length: u64) {
+            let bits_per_page = self.page * 8;
+            'update: loop {
+                if !self.mapped_range(iova, length) && !self.advance_to(iova) {
+                    return;
+                }
+                let last_page_idx = self.npages - 1;
+                let mut cur_bit = (iova.wrapping_sub(self.m_iova) >> self.pgshift) + self.pgoff * 8;
+                let last_bit = (iova.wrapping_add(length).wrapping_sub(1).wrapping_sub(self.m_iova)
+                    >> self.pgshift)
+                    + self.pgoff * 8;
+                loop {
+                    let page_idx = cur_bit / bits_per_page;
+                    let offset = cur_bit % bits_per_page;
+                    let nbits = (bits_per_page - offset).min(last_bit - cur_bit + 1);
+                    if page_idx > last_page_idx {
+                        let left = (last_bit - cur_bit + 1) << self.pgshift;
+                        iova = iova.wrapping_add(length - left);
+                        length = left;
+                        continue 'update;
+                    }
+                    self.written.push(((self.first_page + page_idx) * bits_per_page + offset, nbits));
+                    cur_bit += nbits;
+                    if cur_bit > last_bit {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A read request and the dirty IOPTEs the page-table walk finds in it (each intersects the
+    /// window; in walk order).
+    #[derive(Debug, Clone)]
+    struct Scenario {
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        entries: Vec<(u64, u64)>,
+    }
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
+        let words = prop_oneof![4 => 1u64..2100, 1 => 262_000u64..263_200];
+        (12u32..=21, words, 0u64..64, 1u64 << 20..1u64 << 27)
+            .prop_flat_map(|(shift, words, short, k)| {
+                let page_size = 1u64 << shift;
+                let pages = (words * 64 - short).max(1);
+                let (iova, length) = (k << shift, pages << shift);
+                let entry = (12u32..=30, -(1i64 << 31)..(length as i64)).prop_map(move |(s, off)| {
+                    let size = 1u64 << s;
+                    let at = iova.checked_add_signed(off).unwrap() & !(size - 1);
+                    (at, size)
+                });
+                let entries = proptest::collection::vec(entry, 0..6);
+                (Just((iova, length, page_size)), entries)
+            })
+            .prop_map(|((iova, length, page_size), mut entries)| {
+                // The walk visits entries intersecting the window, in IOVA order, each once.
+                entries.retain(|&(at, size)| at < iova + length && at + size > iova);
+                entries.sort();
+                entries.dedup_by(|b, a| b.0 < a.0 + a.1);
+                Scenario { iova, length, page_size, entries }
+            })
+    }
+
+    /// The model reproduces what the VM tests (`tests/dirty.rs`) observe of the real kernel.
+    #[test]
+    fn model_matches_the_kernel() {
+        let (mib, page) = (1u64 << 20, 4096);
+        // One dirty 2 MiB IOPTE read through a 4 KiB window: 512 bits, 56 bytes past the one word.
+        let mut m = KernelModel::new(page, 16 * mib, 4096, 4096);
+        m.set(16 * mib, 2 * mib);
+        assert_eq!(m.written, vec![(0, 512)]);
+        // A 512-word (one page) bitmap whose dirty entry begins in word 508: the kernel pins the
+        // page after the bitmap's and writes 256 bits there.
+        let mut m = KernelModel::new(page, 17 * mib, 128 * mib, 4096);
+        m.set(144 * mib, 2 * mib);
+        assert_eq!((m.first_page, m.npages), (0, 2));
+        assert_eq!(m.written, vec![(32512, 256), (32768, 256)]);
+        let b = DirtyBitmap::new(17 * mib, 128 * mib, 4096).unwrap();
+        assert!(b.buf.span as u64 * 64 >= 32768 + 256);
+        // An entry beginning before the window sets nothing.
+        let mut m = KernelModel::new(page, 16 * mib + 65536, 65536, 4096);
+        m.set(16 * mib, 2 * mib);
+        assert!(m.written.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Whatever dirty IOPTEs the kernel records, every bit it writes lies in the buffer's span
+        /// (never before it, never in the guard), and the bitmap reports exactly the pages of the
+        /// entries that begin inside the window.
+        #[test]
+        fn kernel_writes_stay_in_the_span(s in scenario()) {
+            let page = crate::dma::page_size() as u64;
+            let mut model = KernelModel::new(page, s.iova, s.length, s.page_size);
+            for &(at, size) in &s.entries {
+                model.set(at, size);
+            }
+            let mut b = DirtyBitmap::new(s.iova, s.length, s.page_size).unwrap();
+            let span_bits = b.buf.span as u64 * 64;
+            let start = b.buf.start;
+            for &(first, n) in &model.written {
+                prop_assert!(first + n <= span_bits, "bits {first}+{n} past the {span_bits}-bit span");
+                for bit in first..first + n {
+                    b.buf.buf[start + (bit / 64) as usize] |= 1 << (bit % 64);
+                }
+            }
+            b.buf.finish(GET_BITMAP, b.pages).unwrap();
+            let mut expected = vec![0u64; b.as_words().len()];
+            for &(at, size) in s.entries.iter().filter(|&&(at, _)| at >= s.iova) {
+                let first = (at - s.iova) / s.page_size;
+                let last = ((at + size - 1 - s.iova) / s.page_size).min(b.pages - 1);
+                for bit in first..=last {
+                    expected[(bit / 64) as usize] |= 1 << (bit % 64);
+                }
+            }
+            prop_assert_eq!(b.as_words(), &expected[..]);
+        }
+
+        /// Request validation never panics, and accepts exactly the well-formed requests.
+        #[test]
+        fn bitmap_requests_are_validated(
+            iova in prop_oneof![any::<u64>(), (0u64..1 << 20).prop_map(|p| p << 12)],
+            length in prop_oneof![any::<u64>(), (0u64..1 << 20).prop_map(|p| p << 12)],
+            page_size in prop_oneof![any::<u64>(), (0u32..64).prop_map(|s| 1u64 << s)],
+        ) {
+            let ok = page_size.is_power_of_two()
+                && length != 0
+                && iova.checked_add(length - 1).is_some()
+                && iova % page_size == 0
+                && length % page_size == 0;
+            match bitmap_words(iova, length, page_size) {
+                Ok(words) => {
+                    prop_assert!(ok);
+                    prop_assert_eq!(words as u64, (length / page_size).div_ceil(64));
+                }
+                Err(Error::InvalidArgument { .. }) => prop_assert!(!ok),
+                Err(e) => prop_assert!(false, "unexpected error {:?}", e),
+            }
+        }
+
+        /// The buffer is page-aligned, covers whole pages plus one past the bitmap, keeps a guard
+        /// page after that, and clones keep all of it.
+        #[test]
+        fn buffer_layout(words in 1usize..200_000, page_shift in 12u32..=16) {
+            let page = 1usize << page_shift;
+            let kb = KernelBitmap::with_page_size("t", words, page).unwrap();
+            for k in [&kb, &kb.clone()] {
+                prop_assert_eq!(k.words().as_ptr() as usize % page, 0);
+                prop_assert_eq!(k.span().len() * 8, ((words * 8).div_ceil(page) + 1) * page);
+                prop_assert_eq!(k.guard().len() * 8, page);
+                prop_assert!(k.start + k.span + k.guard <= k.buf.len());
+                prop_assert_eq!(k.words().len(), words);
+            }
+        }
+
+        /// Decoding any bits the kernel may leave (including past the last page): ranges are in
+        /// order, disjoint, non-adjacent and inside the window, and agree with `is_dirty`,
+        /// `dirty_pages` and the words, up to the top of the IOVA space.
+        #[test]
+        fn ranges_agree_with_the_bits(
+            shift in 12u32..=30,
+            pages in 1u64..700,
+            at_top in any::<bool>(),
+            k in 0u64..1 << 20,
+            raw in proptest::collection::vec(any::<u64>(), 11),
+            density in 0u32..4,
+        ) {
+            let page_size = 1u64 << shift;
+            let length = pages << shift;
+            let iova = if at_top { (u64::MAX - length) + 1 } else { k << shift };
+            let mut b = DirtyBitmap::new(iova, length, page_size).unwrap();
+            let n = b.as_words().len();
+            for (i, w) in b.buf.words_mut().iter_mut().enumerate() {
+                // Sparse to dense words.
+                *w = (0..density).fold(raw[i % raw.len()].rotate_left(i as u32), |acc, d| acc & raw[(i + d as usize + 1) % raw.len()]);
+            }
+            b.buf.finish(GET_BITMAP, pages).unwrap();
+            prop_assert_eq!(b.as_words().len(), n);
+            let ranges: Vec<IovaRange> = b.iter_ranges().collect();
+            let mut counted = 0;
+            for (i, r) in ranges.iter().enumerate() {
+                prop_assert!(r.start <= r.last && b.range().contains(r));
+                prop_assert_eq!((r.start - iova) % page_size, 0);
+                prop_assert_eq!((r.last - iova + 1) % page_size, 0);
+                prop_assert!(b.is_dirty(r.start) && b.is_dirty(r.last));
+                if let Some(next) = ranges.get(i + 1) {
+                    prop_assert!(r.last + 1 < next.start, "{:?} and {:?} not disjoint and apart", r, next);
+                    prop_assert!(!b.is_dirty(r.last + 1));
+                }
+                counted += (r.last - r.start) / page_size + 1;
+            }
+            prop_assert_eq!(counted, b.dirty_pages());
+            let bits: u64 = b.as_words().iter().map(|w| u64::from(w.count_ones())).sum();
+            prop_assert_eq!(bits, counted);
+            for p in 0..pages {
+                let bit = b.as_words()[(p / 64) as usize] & (1 << (p % 64)) != 0;
+                prop_assert_eq!(b.is_dirty(iova + p * page_size + (p % page_size)), bit);
+            }
+            prop_assert!(!b.is_dirty(iova.wrapping_sub(1)) || iova == 0);
+            prop_assert!(iova.checked_add(length).is_none_or(|end| !b.is_dirty(end)));
+        }
     }
 }

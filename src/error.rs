@@ -1,12 +1,32 @@
 //! The crate's one error type.
 //!
 //! Every failure names the operation that failed. Kernel failures carry the errno and, where the errno
-//! has a well-known cause, a hint. Three classes matter to callers:
+//! has a well-known cause, a hint. Four classes matter to callers:
 //!
-//! - **this kernel lacks it**: [`Error::Unsupported`] (the ioctl is unknown to the running kernel) and
-//!   [`Error::is_unsupported`], which also covers `EOPNOTSUPP` answers for a feature the IOMMU lacks;
-//! - **caller bugs**: [`Error::InvalidArgument`] and [`Error::ForeignObject`], raised before any ioctl;
-//! - **retryable**: [`Error::is_retryable`] (`EINTR`, `EAGAIN`, `EBUSY` while a device is in use).
+//! - **not supported**: [`Error::is_unsupported`] is the one test. It is true for every way the
+//!   system can lack what was asked:
+//!   - [`Error::Unsupported`]: the running kernel does not know the ioctl at all (`ENOTTY` from an
+//!     iommufd ioctl, or from a VFIO ioctl the device's driver does not implement); the variant names
+//!     the kernel release that added it;
+//!   - [`Error::Ioctl`] with `EOPNOTSUPP`: the kernel knows the ioctl but the IOMMU driver, or this
+//!     kernel, lacks the requested flag, data type or feature (for example dirty tracking, or a HWPT
+//!     allocation flag on virtio-iommu); the errno and hint are kept because they tell which;
+//!   - [`Error::Ioctl`] with `ENOTTY` from `VFIO_DEVICE_FEATURE`: the device's driver lacks that
+//!     feature (the ioctl itself exists, so no kernel release can be named);
+//!   - [`Error::NotCapable`]: this crate found, before any ioctl, that the device or its IOMMU lacks
+//!     the capability (for example PASID).
+//!
+//!   Match on the variants only to tell these apart; to decide whether to fall back, ask
+//!   [`is_unsupported`](Error::is_unsupported).
+//! - **caller bugs**: [`Error::InvalidArgument`], [`Error::ForeignObject`], [`Error::ForeignProcess`]
+//!   and [`Error::WrongFile`], raised before any ioctl;
+//! - **retryable**: [`Error::is_retryable`] (`EINTR`, `EAGAIN`, `EBUSY` while a device is in use);
+//! - **handed back**: an explicit close that fails returns the handle with the error in a
+//!   [`CloseError`] (for example `Attachment::detach` returns `Err(CloseError<Attachment>)`), so the
+//!   caller can retry; it converts into [`Error`] with `?` (dropping the handle, which then cleans up
+//!   as its `Drop` does).
+//!
+//! `Drop` never fails: a failure there is logged through the [`log`](https://docs.rs/log) crate.
 
 use std::path::PathBuf;
 
@@ -16,6 +36,30 @@ pub use rustix::io::Errno;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in this crate.
+///
+/// # "Not supported": one test
+///
+/// [`is_unsupported`](Error::is_unsupported) is the one test for "the system lacks what was asked",
+/// whoever lacks it. The variants keep what each case knows:
+///
+/// - [`Unsupported`](Error::Unsupported): the ioctl is unknown (`ENOTTY`); for iommufd ioctls it
+///   names the kernel release that added it;
+/// - [`Ioctl`](Error::Ioctl) with `EOPNOTSUPP`: the kernel knows the ioctl but this kernel or the IOMMU
+///   driver lacks the requested flag, data type or feature (dirty tracking, a HWPT allocation flag on
+///   virtio-iommu, ...); the errno and hint are kept because they tell which;
+/// - [`Ioctl`](Error::Ioctl) with `ENOTTY` from `VFIO_DEVICE_FEATURE`: the device's driver lacks the
+///   feature (the ioctl exists, so no release can be named);
+/// - [`NotCapable`](Error::NotCapable): found by this crate before any ioctl (for example a PASID
+///   attachment on a device without PASID support).
+///
+/// Code that falls back when something is missing asks `is_unsupported()`, not for a variant.
+///
+/// # Handles handed back
+///
+/// An explicit close that fails returns its handle with the error in a [`CloseError`] (for example
+/// [`Attachment::detach`](crate::Attachment::detach)), so the call can be retried. `?` converts it
+/// into this error, dropping the handle (which then cleans up as its `Drop` does). `Drop` itself
+/// never fails: it logs failures through the `log` crate.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -99,6 +143,27 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A file descriptor or path is not the kind of file the call needs, found with `fstat` and
+    /// `/sys/dev/char/MAJOR:MINOR` before any ioctl (for example `/dev/null` passed as an iommufd).
+    #[error("{op}: not {expected}: the file is {found}")]
+    WrongFile {
+        /// The operation.
+        op: &'static str,
+        /// What the file should be (`an iommufd`, `a VFIO device cdev`).
+        expected: &'static str,
+        /// What it is.
+        found: String,
+    },
+    /// The device or its IOMMU lacks a capability the call needs, found before any ioctl (for example a
+    /// PASID attachment on a device whose IOMMU reports no PASID support). [`Error::is_unsupported`]
+    /// is true for it.
+    #[error("{op}: not supported by this device: {reason}")]
+    NotCapable {
+        /// The operation.
+        op: &'static str,
+        /// What is missing.
+        reason: String,
+    },
     /// The kernel answered with data this crate cannot interpret.
     #[error("{op}: unexpected kernel answer: {detail}")]
     Protocol {
@@ -132,12 +197,14 @@ impl Error {
         }
     }
 
-    /// True if the running kernel, IOMMU or device driver lacks the requested feature: an unknown ioctl
-    /// or VFIO device feature (`ENOTTY`), or an `EOPNOTSUPP` answer (for example dirty tracking on an
-    /// IOMMU without it).
+    /// True if the running kernel, IOMMU, device driver or device lacks the requested feature: an
+    /// unknown ioctl or VFIO device feature (`ENOTTY`), an `EOPNOTSUPP` answer (for example dirty
+    /// tracking on an IOMMU without it), or [`Error::NotCapable`]. This is the one test for "not
+    /// supported": match on the variants only to tell its cases apart.
     pub fn is_unsupported(&self) -> bool {
         // ENOTTY also comes back as `Error::Ioctl` for VFIO device features the driver lacks.
-        matches!(self.errno(), Some(Errno::NOTTY | Errno::OPNOTSUPP))
+        matches!(self, Error::NotCapable { .. })
+            || matches!(self.errno(), Some(Errno::NOTTY | Errno::OPNOTSUPP))
     }
 
     /// True if the same call may succeed later unchanged.
@@ -163,7 +230,6 @@ impl Error {
                 "no VFIO device cdev: the kernel lacks CONFIG_VFIO_DEVICE_CDEV or the device is not bound to vfio-pci",
             ),
             Errno::ACCESS | Errno::PERM => Some("insufficient permissions on the device node"),
-            Errno::BUSY => Some("the device is already opened by another process or through its VFIO group"),
             _ => None,
         };
         Error::Open { path, errno, hint }

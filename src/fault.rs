@@ -11,7 +11,7 @@
 
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iommufd_sys as sys;
@@ -187,7 +187,11 @@ impl PageResponse {
     }
 }
 
-/// Decodes a buffer of whole fault records.
+/// Decodes a buffer of whole fault records into `out`, returning how many were stored.
+///
+/// Never panics and never reads past `bytes`: a length that is not a whole number of records, or more
+/// records than `out` holds, is an [`Error::Protocol`] (the kernel writes whole records only, and no
+/// more than it was asked for).
 pub(crate) fn parse_faults(bytes: &[u8], out: &mut [PageFault]) -> Result<usize> {
     if bytes.len() % FAULT_RECORD != 0 || bytes.len() / FAULT_RECORD > out.len() {
         return Err(Error::Protocol {
@@ -209,13 +213,19 @@ pub(crate) fn parse_faults(bytes: &[u8], out: &mut [PageFault]) -> Result<usize>
     Ok(n)
 }
 
+/// The deadline `timeout` from now: `None` for no timeout, and for a timeout so long that the
+/// clock cannot represent its end (which is no deadline either).
+pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
 /// Waits until `fd` is readable or `timeout` passes (`None`: forever). Retries on `EINTR`.
 pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>, op: &'static str) -> Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = deadline(timeout);
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let ts =
-            remaining.map(|r| Timespec::try_from(r).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
+        // A wait too long for a `timespec` is a wait without limit.
+        let ts = remaining.and_then(|r| Timespec::try_from(r).ok());
         let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
         match rustix::event::poll(&mut fds, ts.as_ref()) {
             Ok(0) => return Ok(false),
@@ -232,11 +242,134 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>, op: &
     }
 }
 
+/// A fault queue's fd as [`read_all`] sees it (a trait so the read logic can be tested against a
+/// model of the kernel).
+pub(crate) trait FaultFd {
+    /// One `read(2)`: whole groups only; `EINVAL` (current kernels) or 0 (kernels before a 2026
+    /// fix) if the first pending group does not fit.
+    fn read(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize>;
+    /// Whether a fault is pending now (`POLLIN`), without waiting.
+    fn readable(&mut self) -> Result<bool>;
+}
+
+impl FaultFd for BorrowedFd<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        rustix::io::read(*self, buf)
+    }
+
+    fn readable(&mut self) -> Result<bool> {
+        poll_readable(*self, Some(Duration::ZERO), "poll(fault queue)")
+    }
+}
+
+/// Why one batch read failed.
+enum BatchError {
+    /// The next group has more faults than the buffer holds; nothing was read.
+    TooSmall,
+    /// Anything else.
+    Failed(Error),
+}
+
+const READ_OP: &str = "read(fault queue)";
+
+/// The most records one `read(2)` asks for (a bound on the byte buffer, well below the kernel's
+/// per-read limit).
+const MAX_READ_RECORDS: usize = 1 << 20;
+
+/// Reads one batch of whole groups into `buf` from `fd`, using `bytes` as the byte buffer.
+///
+/// Kernels before a 2026 fix return 0 rather than `EINVAL` when the first pending group does not
+/// fit, while the fd stays readable. A read that returns nothing on a readable fd is therefore
+/// tried once more: nothing again means the group does not fit (a group that merely arrived in
+/// between is read by the second try).
+fn read_batch(
+    fd: &mut dyn FaultFd,
+    buf: &mut [PageFault],
+    bytes: &mut Vec<u8>,
+) -> std::result::Result<usize, BatchError> {
+    // At most 2^20 records of 40 bytes: no overflow.
+    let len = buf.len().min(MAX_READ_RECORDS) * FAULT_RECORD;
+    if bytes.len() < len {
+        bytes
+            .try_reserve_exact(len - bytes.len())
+            .map_err(|_| BatchError::Failed(Error::os(READ_OP, Errno::NOMEM)))?;
+        bytes.resize(len, 0);
+    }
+    let window = &mut bytes[..len];
+    let mut tried_again = false;
+    loop {
+        match fd.read(window) {
+            Ok(0) => {
+                if tried_again || !fd.readable().map_err(BatchError::Failed)? {
+                    return if tried_again { Err(BatchError::TooSmall) } else { Ok(0) };
+                }
+                tried_again = true;
+            }
+            Ok(n) => {
+                let got = window.get(..n).ok_or_else(|| {
+                    BatchError::Failed(Error::Protocol {
+                        op: READ_OP,
+                        detail: format!("the kernel reported {n} bytes read into a {len}-byte buffer"),
+                    })
+                })?;
+                return parse_faults(got, buf).map_err(BatchError::Failed);
+            }
+            Err(Errno::INVAL) => return Err(BatchError::TooSmall),
+            Err(e) => return Err(BatchError::Failed(Error::os(READ_OP, e))),
+        }
+    }
+}
+
+/// The first batch size of [`read_all`], in faults.
+const FIRST_BATCH: usize = 64;
+/// The largest group [`read_all`] can take, in faults (the kernel sets no limit; PCI page request
+/// groups are far smaller).
+pub(crate) const MAX_GROUP: usize = 1 << 16;
+/// [`read_all`] returns once it has gathered this many faults, so that a device that keeps faulting
+/// cannot keep one call reading forever; the rest stays queued for the next call.
+const MAX_FAULTS_PER_CALL: usize = 1 << 16;
+
+/// Reads pending groups from `fd` until none is left (or [`MAX_FAULTS_PER_CALL`] faults were
+/// gathered), growing the buffer for groups that do not fit. Returns the faults read and, if a batch
+/// failed, its error: faults gathered before the failure are returned with it, never dropped (the
+/// kernel handed them out, so they must be answered). A failed batch hands out nothing: the kernel
+/// puts its groups back.
+pub(crate) fn read_all(fd: &mut dyn FaultFd) -> (Vec<PageFault>, Option<Error>) {
+    let mut out = Vec::new();
+    let mut buf = vec![PageFault::default(); FIRST_BATCH];
+    let mut bytes = Vec::new();
+    while out.len() < MAX_FAULTS_PER_CALL {
+        match read_batch(fd, &mut buf, &mut bytes) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n.min(buf.len())]),
+            // A group larger than the buffer: retry with a larger one.
+            Err(BatchError::TooSmall) if buf.len() < MAX_GROUP => {
+                let grown = buf.len().saturating_mul(4).min(MAX_GROUP);
+                buf.resize(grown, PageFault::default());
+            }
+            Err(BatchError::TooSmall) => {
+                let e = Error::Protocol {
+                    op: READ_OP,
+                    detail: format!(
+                        "the next fault group has more than {MAX_GROUP} faults; read it with \
+                         FaultQueue::read_faults and a larger buffer"
+                    ),
+                };
+                return (out, Some(e));
+            }
+            Err(BatchError::Failed(e)) => return (out, Some(e)),
+        }
+    }
+    (out, None)
+}
+
 struct FaultInner {
     // Field order is teardown order: the fd holds a reference on the kernel object (destroying it
     // while the fd is open gives EBUSY), so it is closed before the object is destroyed.
     fd: OwnedFd,
     obj: Object,
+    /// An error [`FaultQueue::read`] held back because it returned the faults read before it.
+    pending: Mutex<Option<Error>>,
 }
 
 /// An I/O page fault queue (`IOMMU_FAULT_QUEUE_ALLOC`, Linux 6.11): the kernel object id and its
@@ -265,10 +398,6 @@ impl std::fmt::Debug for FaultQueue {
 }
 
 impl FaultQueue {
-    /// The most faults [`read`](Self::read) asks the kernel for at once, and the largest group it can
-    /// take.
-    const MAX_BATCH: usize = 4096;
-
     /// Allocates a fault queue (`IOMMU_FAULT_QUEUE_ALLOC`, Linux 6.11).
     pub fn alloc(iommufd: &Iommufd) -> Result<FaultQueue> {
         let mut arg = sys::iommu_fault_alloc::new();
@@ -279,7 +408,7 @@ impl FaultQueue {
         // O_CLOEXEC file that nothing else refers to; ownership passes to us here, at once.
         let fd = unsafe { OwnedFd::from_raw_fd(arg.out_fault_fd as RawFd) };
         let obj = Object::new(iommufd, arg.out_fault_id, "fault queue");
-        Ok(FaultQueue { inner: Arc::new(FaultInner { fd, obj }) })
+        Ok(FaultQueue { inner: Arc::new(FaultInner { fd, obj, pending: Mutex::new(None) }) })
     }
 
     /// The kernel's id for the queue: the `fault_id` a HWPT is allocated with.
@@ -297,49 +426,78 @@ impl FaultQueue {
     ///
     /// The kernel hands out whole groups only: if the next group has more faults than `buf` holds,
     /// nothing is read and [`Error::InvalidArgument`] is returned (use [`read`](Self::read), which
-    /// sizes its buffer). Faults read here have been handed over: each group must be answered with
-    /// [`respond`](Self::respond), or the device waits until the queue is closed.
+    /// sizes its buffer). At most 2^20 faults are read at once. Faults read here have been handed
+    /// over: each group must be answered with [`respond`](Self::respond), or the device waits until
+    /// the queue is closed. An error held back by an earlier [`read`](Self::read) is returned first.
     pub fn read_faults(&self, buf: &mut [PageFault]) -> Result<usize> {
-        const OP: &str = "read(fault queue)";
-        if buf.is_empty() {
-            return Err(Error::invalid(OP, "the buffer holds no fault"));
+        if let Some(e) = self.take_pending() {
+            return Err(e);
         }
-        let mut bytes = vec![0u8; buf.len() * FAULT_RECORD];
-        match rustix::io::read(self.inner.fd.as_fd(), &mut bytes) {
-            Ok(n) => parse_faults(&bytes[..n], buf),
-            Err(Errno::INVAL) => Err(Error::invalid(
-                OP,
-                format!("the next fault group has more than {} faults: pass a larger buffer", buf.len()),
+        if buf.is_empty() {
+            return Err(Error::invalid(READ_OP, "the buffer holds no fault"));
+        }
+        let mut bytes = Vec::new();
+        match read_batch(&mut self.inner.fd.as_fd(), buf, &mut bytes) {
+            Ok(n) => Ok(n),
+            Err(BatchError::TooSmall) => Err(Error::invalid(
+                READ_OP,
+                format!(
+                    "the next fault group has more than {} faults: pass a larger buffer",
+                    buf.len().min(MAX_READ_RECORDS)
+                ),
             )),
-            Err(e) => Err(Error::os(OP, e)),
+            Err(BatchError::Failed(e)) => Err(e),
         }
     }
 
     /// Reads every pending fault without blocking (an empty vector: none pending).
+    ///
+    /// Groups of any size up to 65536 faults are read whole (the buffer grows as needed). One call
+    /// returns at most about 65536 faults; more stay queued for the next call.
+    ///
+    /// Faults are never dropped: if a later batch of the same call fails after some faults were
+    /// read, those faults are returned (they have been handed over and must be answered) and the
+    /// error is held back and returned by the next `read`, `read_faults` or `read_timeout` of any
+    /// clone of the queue. A failed batch itself hands out nothing: the kernel keeps its groups
+    /// queued.
     pub fn read(&self) -> Result<Vec<PageFault>> {
-        let mut out = Vec::new();
-        let mut batch = 64;
-        loop {
-            let mut buf = vec![PageFault::default(); batch];
-            match self.read_faults(&mut buf) {
-                Ok(0) => return Ok(out),
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                // A group larger than the buffer: retry with a larger one.
-                Err(Error::InvalidArgument { .. }) if batch < Self::MAX_BATCH => batch *= 4,
-                Err(e) => return Err(e),
+        self.read_from(&mut self.inner.fd.as_fd())
+    }
+
+    /// [`read`](Self::read) on `fd`.
+    fn read_from(&self, fd: &mut dyn FaultFd) -> Result<Vec<PageFault>> {
+        if let Some(e) = self.take_pending() {
+            return Err(e);
+        }
+        let (faults, error) = read_all(fd);
+        match error {
+            None => Ok(faults),
+            Some(e) if faults.is_empty() => Err(e),
+            Some(e) => {
+                *self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                Ok(faults)
             }
         }
     }
 
-    /// Waits until a fault is pending or `timeout` passes (`None`: no limit). Returns whether a fault
-    /// is pending.
+    /// The error a [`read`](Self::read) held back, if any.
+    fn take_pending(&self) -> Option<Error> {
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Waits until a fault is pending or `timeout` passes (`None`, or a timeout too long for the
+    /// clock: no limit). Returns whether a fault is pending.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         poll_readable(self.inner.fd.as_fd(), timeout, "poll(fault queue)")
     }
 
-    /// Waits as [`wait`](Self::wait) does, then reads every pending fault (empty on timeout).
+    /// Waits as [`wait`](Self::wait) does, then reads every pending fault as [`read`](Self::read)
+    /// does (empty on timeout). An error held back by an earlier read is returned at once.
     pub fn read_timeout(&self, timeout: Option<Duration>) -> Result<Vec<PageFault>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        if let Some(e) = self.take_pending() {
+            return Err(e);
+        }
+        let deadline = deadline(timeout);
         loop {
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if !self.wait(remaining)? {
@@ -384,7 +542,7 @@ impl FaultQueue {
     /// object then lives until the iommufd is closed.
     pub fn close(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
-            Ok(FaultInner { fd, obj }) => {
+            Ok(FaultInner { fd, obj, .. }) => {
                 drop(fd);
                 obj.destroy()
             }
@@ -418,6 +576,7 @@ impl FaultSource for FaultQueue {
 
 /// A [`FaultQueue`] registered with the tokio reactor (feature `tokio`).
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[derive(Debug)]
 pub struct AsyncFaultQueue {
     inner: tokio::io::unix::AsyncFd<FaultQueue>,
@@ -445,8 +604,12 @@ impl AsyncFaultQueue {
         Ok(AsyncFaultQueue { inner })
     }
 
-    /// Waits for faults and reads every pending one (never empty).
+    /// Waits for faults and reads every pending one (never empty), as [`FaultQueue::read`] does. An
+    /// error held back by an earlier read is returned at once.
     pub async fn read(&self) -> Result<Vec<PageFault>> {
+        if let Some(e) = self.get_ref().take_pending() {
+            return Err(e);
+        }
         loop {
             let mut guard =
                 self.inner.readable().await.map_err(|e| {
@@ -479,7 +642,7 @@ impl AsyncFaultQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -547,6 +710,272 @@ mod tests {
         assert_eq!(u32_at(&r, 0), 0x0102_0304);
         assert_eq!(u32_at(&r, 4), sys::IOMMUFD_PAGE_RESP_INVALID);
         assert_eq!(ResponseCode::Success.raw(), 0);
+    }
+
+    /// A model of the kernel's fault queue read (`iommufd_fault_fops_read`): whole groups in order,
+    /// the first group that does not fit answered with `EINVAL` (`old_kernel`: 0), a failure of the
+    /// `fail_at`-th group handed out (the kernel's `xa_alloc` or `copy_to_user`) stopping the read
+    /// with nothing of that group consumed.
+    struct ModelQueue {
+        groups: std::collections::VecDeque<Vec<PageFault>>,
+        old_kernel: bool,
+        fail_at: Option<(usize, Errno)>,
+        handed_out: usize,
+        reads: usize,
+    }
+
+    impl ModelQueue {
+        fn new(sizes: &[usize], old_kernel: bool) -> ModelQueue {
+            let mut cookie = 0;
+            let groups = sizes
+                .iter()
+                .map(|&n| {
+                    cookie += 1;
+                    (0..n)
+                        .map(|i| PageFault {
+                            flags: if i + 1 == n {
+                                PageFaultFlags::LAST_PAGE
+                            } else {
+                                PageFaultFlags::empty()
+                            },
+                            dev_id: 1,
+                            grpid: cookie,
+                            addr: i as u64 * 4096,
+                            cookie,
+                            ..Default::default()
+                        })
+                        .collect()
+                })
+                .collect();
+            ModelQueue { groups, old_kernel, fail_at: None, handed_out: 0, reads: 0 }
+        }
+
+        fn all(&self) -> Vec<PageFault> {
+            self.groups.iter().flatten().copied().collect()
+        }
+    }
+
+    impl FaultFd for ModelQueue {
+        fn read(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+            self.reads += 1;
+            if buf.len() % FAULT_RECORD != 0 {
+                return Err(Errno::SPIPE);
+            }
+            let mut done = 0;
+            while let Some(group) = self.groups.front() {
+                if group.len() * FAULT_RECORD > buf.len() - done {
+                    if done == 0 && !self.old_kernel {
+                        return Err(Errno::INVAL);
+                    }
+                    break;
+                }
+                if let Some((at, errno)) = self.fail_at {
+                    if at == self.handed_out {
+                        self.fail_at = None;
+                        return if done == 0 { Err(errno) } else { Ok(done) };
+                    }
+                }
+                for f in group {
+                    buf[done..done + FAULT_RECORD].copy_from_slice(&f.to_record());
+                    done += FAULT_RECORD;
+                }
+                self.groups.pop_front();
+                self.handed_out += 1;
+            }
+            Ok(done)
+        }
+
+        fn readable(&mut self) -> Result<bool> {
+            Ok(!self.groups.is_empty())
+        }
+    }
+
+    #[test]
+    fn groups_larger_than_the_buffer_are_read_whole() {
+        for old_kernel in [false, true] {
+            // Groups that fit the first buffer, and ones that need it grown once, twice, three times.
+            let mut q = ModelQueue::new(&[1, 3, 64, 65, 300, 2, 1500, 4097, 1], old_kernel);
+            let want = q.all();
+            let (got, error) = read_all(&mut q);
+            assert!(error.is_none(), "{error:?}");
+            assert_eq!(got, want, "old kernel: {old_kernel}");
+            assert!(q.groups.is_empty());
+            // Each group ends with its LAST_PAGE fault, in one piece.
+            assert_eq!(got.iter().filter(|f| f.is_last()).count(), 9);
+        }
+    }
+
+    #[test]
+    fn a_group_too_large_to_read_keeps_the_faults_before_it() {
+        for old_kernel in [false, true] {
+            let mut q = ModelQueue::new(&[2, 5, MAX_GROUP + 1, 1], old_kernel);
+            let want = q.all()[..7].to_vec();
+            let (got, error) = read_all(&mut q);
+            assert_eq!(got, want, "the seven faults read before the huge group are returned");
+            assert!(matches!(error, Some(Error::Protocol { .. })), "{error:?}");
+            // The huge group stays queued; reading again reports it again, and reads nothing.
+            let (got, error) = read_all(&mut q);
+            assert!(got.is_empty() && error.is_some());
+            assert_eq!(q.groups.len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_failed_later_batch_keeps_the_faults_already_read() {
+        // 100 one-fault groups: the first batch takes 64; the second read fails at once.
+        let mut q = ModelQueue::new(&[1; 100], false);
+        let want = q.all();
+        q.fail_at = Some((64, Errno::NOMEM));
+        let (first, error) = read_all(&mut q);
+        assert_eq!(first, want[..64], "faults handed over before the failure are returned");
+        assert_eq!(error.and_then(|e| e.errno()), Some(Errno::NOMEM));
+        // Nothing was lost: the rest comes with the next read.
+        let (rest, error) = read_all(&mut q);
+        assert!(error.is_none());
+        assert_eq!([first, rest].concat(), want);
+    }
+
+    #[test]
+    fn an_old_kernel_that_answers_nothing_for_a_large_group_does_not_spin() {
+        // The group of 100 does not fit 64 records: an old kernel answers 0 with POLLIN still set.
+        let mut q = ModelQueue::new(&[100], true);
+        let mut buf = [PageFault::default(); 64];
+        let mut bytes = Vec::new();
+        assert!(matches!(read_batch(&mut q, &mut buf, &mut bytes), Err(BatchError::TooSmall)));
+        assert_eq!(q.reads, 2, "one retry tells a large group from an empty queue");
+        let (got, error) = read_all(&mut q);
+        assert!(error.is_none());
+        assert_eq!(got.len(), 100);
+        // An empty queue is one read.
+        q.reads = 0;
+        assert!(matches!(read_batch(&mut q, &mut buf, &mut bytes), Ok(0)));
+        assert_eq!(q.reads, 1);
+    }
+
+    /// A fault queue handle on the host: a fake iommufd, and an eventfd as its fd (readable while
+    /// its counter is not 0). Reads go through [`FaultQueue::read_from`] and a model.
+    fn host_queue(readable: bool) -> FaultQueue {
+        let (iommufd, _ioas) = crate::tests::fake();
+        let obj = Object::new(&iommufd, 99, "fault queue");
+        let fd = rustix::event::eventfd(u32::from(readable), rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        FaultQueue { inner: Arc::new(FaultInner { fd, obj, pending: Mutex::new(None) }) }
+    }
+
+    #[test]
+    fn read_returns_the_faults_read_and_holds_a_later_error_back() {
+        let queue = host_queue(false);
+        let mut kernel = ModelQueue::new(&[1; 100], false);
+        let want = kernel.all();
+        kernel.fail_at = Some((64, Errno::NOMEM));
+        assert_eq!(
+            queue.read_from(&mut kernel).unwrap(),
+            want[..64],
+            "the 64 faults are handed back, not dropped"
+        );
+        // The error comes with the next call, through any clone, and only once.
+        let e = queue.clone().read_faults(&mut [PageFault::default(); 4]).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOMEM));
+        assert_eq!(queue.read_from(&mut kernel).unwrap(), want[64..]);
+        // A failure before anything was read is the call's error.
+        let mut kernel = ModelQueue::new(&[1], false);
+        kernel.fail_at = Some((0, Errno::NOMEM));
+        assert_eq!(queue.read_from(&mut kernel).unwrap_err().errno(), Some(Errno::NOMEM));
+        assert!(queue.take_pending().is_none());
+        // `read_timeout` returns a held-back error at once, before waiting (the fd is not readable).
+        let mut kernel = ModelQueue::new(&[1; 70], false);
+        kernel.fail_at = Some((64, Errno::FAULT));
+        assert_eq!(queue.read_from(&mut kernel).unwrap().len(), 64);
+        assert_eq!(queue.read_timeout(None).unwrap_err().errno(), Some(Errno::FAULT));
+    }
+
+    #[test]
+    fn waits_without_limit_do_not_overflow_the_clock() {
+        assert!(deadline(Some(Duration::MAX)).is_none(), "no representable end: no deadline");
+        assert!(deadline(Some(Duration::from_secs(1))).is_some());
+        let fd = rustix::event::eventfd(1, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        for t in
+            [Duration::MAX, Duration::from_secs(u64::MAX / 2), Duration::new(i64::MAX as u64, 999_999_999)]
+        {
+            assert!(poll_readable(fd.as_fd(), Some(t), "poll").unwrap());
+        }
+        // These used to panic adding the timeout to `Instant::now()`.
+        let queue = host_queue(true);
+        assert!(queue.wait(Some(Duration::MAX)).unwrap());
+        // The eventfd answers a read with its 8-byte counter: not a fault record.
+        assert!(matches!(queue.read_timeout(Some(Duration::MAX)), Err(Error::Protocol { .. })));
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any bytes of any length: a count of whole records or a protocol error, never a panic.
+            #[test]
+            fn parse_faults_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400), room in 0usize..12) {
+                let mut out = vec![PageFault::default(); room];
+                match parse_faults(&bytes, &mut out) {
+                    Ok(n) => {
+                        prop_assert_eq!(n * FAULT_RECORD, bytes.len());
+                        prop_assert!(n <= room);
+                        for (i, f) in out[..n].iter().enumerate() {
+                            let mut r = [0u8; FAULT_RECORD];
+                            r.copy_from_slice(&bytes[i * FAULT_RECORD..][..FAULT_RECORD]);
+                            prop_assert_eq!(*f, PageFault::from_record(&r));
+                        }
+                    }
+                    Err(e) => prop_assert!(matches!(e, Error::Protocol { .. }), "{e:?}"),
+                }
+            }
+
+            /// Decoding is the inverse of encoding, reserved word aside.
+            #[test]
+            fn fault_records_round_trip(
+                flags: u32, dev_id: u32, pasid: u32, grpid: u32, perm: u32, addr: u64, length: u32, cookie: u32,
+            ) {
+                let f = PageFault {
+                    flags: PageFaultFlags::from_bits_retain(flags),
+                    dev_id,
+                    pasid,
+                    grpid,
+                    perm: FaultPerm::from_bits_retain(perm),
+                    addr,
+                    length,
+                    cookie,
+                };
+                prop_assert_eq!(PageFault::from_record(&f.to_record()), f);
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Groups of any size up to past the largest batch, kernel failures anywhere, old and new
+            /// kernels: repeated reads hand out every fault exactly once, in order, whole groups only.
+            #[test]
+            fn reads_never_drop_or_repeat_faults(
+                sizes in proptest::collection::vec(prop_oneof![6 => 1usize..8, 2 => 8usize..300, 1 => 1000usize..1400], 0..24),
+                fail in proptest::option::of((0usize..40, prop_oneof![Just(Errno::NOMEM), Just(Errno::FAULT)])),
+                old_kernel: bool,
+            ) {
+                let mut q = ModelQueue::new(&sizes, old_kernel);
+                q.fail_at = fail;
+                let want = q.all();
+                let mut got = Vec::new();
+                let mut errors = 0;
+                for _ in 0..4 {
+                    let (faults, error) = read_all(&mut q);
+                    // Whole groups only: each call ends on a group boundary.
+                    prop_assert!(faults.last().is_none_or(|f| f.is_last()));
+                    got.extend(faults);
+                    errors += usize::from(error.is_some());
+                }
+                prop_assert!(errors <= 1, "one injected failure, reported once");
+                prop_assert_eq!(got, want);
+            }
+        }
     }
 
     #[test]

@@ -133,30 +133,18 @@ impl Areas {
         self.overlapping(range).next()
     }
 
-    /// Handles a failed map, copy or map_file. `EFAULT` is the one failure after which the kernel may
-    /// have kept the new area: it maps first and copies its answer out last, without undoing the map
-    /// when that copy faults. The memory the area would use is then leaked, never freed, and a fixed
-    /// range is recorded as a leaked area.
-    fn failed_map<H>(&mut self, e: &Error, flags: u32, iova: u64, len: u64, held: H) {
-        if e.errno() != Some(rustix::io::Errno::FAULT) {
-            return; // the kernel undid everything; `held` is released
-        }
-        log::error!("iommufd: a map failed with EFAULT and may have been kept; leaking its memory");
-        std::mem::forget(held);
-        if flags & sys::IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
-            if let Some(last) = iova.checked_add(len.saturating_sub(1)) {
-                self.next_id = self.next_id.wrapping_add(1);
-                self.map.insert((iova, self.next_id), (last, Owner::Leaked));
-            }
-        }
-    }
-
     /// Records a new area owned by a guard; returns the guard's id.
     fn insert_guard(&mut self, range: IovaRange) -> u64 {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         self.map.insert((range.start, id), (range.last, Owner::Guard(id)));
         id
+    }
+
+    /// Records an area no guard owns.
+    fn insert_leaked(&mut self, range: IovaRange) {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.map.insert((range.start, self.next_id), (range.last, Owner::Leaked));
     }
 
     fn remove_guard(&mut self, start: u64, id: u64) {
@@ -410,6 +398,31 @@ impl Ioas {
         Mapping { ioas: self.inner.clone(), iova, len, access, id, held: Some(held) }
     }
 
+    /// Handles a failed map, copy or map_file, with the registry still locked. `EFAULT` is the one
+    /// failure after which the kernel may have kept the new area (it maps first and copies its answer
+    /// out last, without undoing the map if that copy faults; it also answers `EFAULT` when pinning
+    /// fails, having kept nothing). For a fixed IOVA an unmap of exactly that range tells the two
+    /// apart and removes a kept area; otherwise (an automatic IOVA is unknown) the memory is leaked,
+    /// never freed.
+    fn failed_map<H>(&self, areas: &mut Areas, e: &Error, flags: u32, iova: u64, len: u64, held: H) {
+        if e.errno() != Some(rustix::io::Errno::FAULT) {
+            return; // the kernel undid everything; `held` is released
+        }
+        if flags & sys::IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+            match self.inner.unmap_ioctl(iova, len) {
+                Ok(n) if n == len => return, // it was kept, and is gone now
+                Err(u) if u.errno() == Some(rustix::io::Errno::NOENT) => return, // nothing was kept
+                _ => {
+                    if let Some(last) = iova.checked_add(len.saturating_sub(1)) {
+                        areas.insert_leaked(IovaRange { start: iova, last });
+                    }
+                }
+            }
+        }
+        log::error!("iommufd: a map failed with EFAULT and may have been kept; leaking its memory");
+        std::mem::forget(held);
+    }
+
     /// A guard as a successful map would have produced, for tests of the registry without a kernel.
     #[cfg(test)]
     pub(crate) fn fake_guard<M: Memory>(
@@ -437,7 +450,7 @@ impl Ioas {
         match self.map_va(region.addr(), len, flags | access.bits(), iova) {
             Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, region)),
             Err(e) => {
-                areas.failed_map(&e, flags, iova, len, region);
+                self.failed_map(&mut areas, &e, flags, iova, len, region);
                 Err(e)
             }
         }
@@ -501,7 +514,7 @@ impl Ioas {
         match self.map_va(va as u64, len, flags | access.bits(), iova) {
             Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
             Err(e) => {
-                areas.failed_map(&e, flags, iova, len, ());
+                self.failed_map(&mut areas, &e, flags, iova, len, ());
                 Err(e)
             }
         }
@@ -550,7 +563,7 @@ impl Ioas {
         // SAFETY: IOMMU_IOAS_MAP_FILE takes `iommu_ioas_map_file`, sized by `new()`, with no pointers;
         // `fd` is borrowed open for the call. The kernel pins the file's pages and holds them itself.
         if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) } {
-            areas.failed_map(&e, flags, iova, len, ());
+            self.failed_map(&mut areas, &e, flags, iova, len, ());
             return Err(e);
         }
         Ok(self.guard(&mut areas, arg.iova, len, access, ()))
@@ -611,7 +624,7 @@ impl Ioas {
         // SAFETY: IOMMU_IOAS_COPY takes `iommu_ioas_copy`, sized by `new()`, with no pointers. The new
         // range shares pages the source guard keeps alive; the new guard holds them too.
         if let Err(e) = unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) } {
-            areas.failed_map(&e, flags, iova, src.len, held);
+            self.failed_map(&mut areas, &e, flags, iova, src.len, held);
             return Err(e);
         }
         Ok(self.guard(&mut areas, arg.dst_iova, src.len, access, held))
@@ -712,10 +725,13 @@ impl Ioas {
     }
 
     /// Allows or forbids huge IOMMU pages for this IOAS (`IOMMU_OPTION_HUGE_PAGES`). With them off the
-    /// kernel maps every area with the smallest IOMMU page, which can raise the IOVA alignment that
-    /// [`iova_ranges`](Self::iova_ranges) reports. Turning them on always works; turning them off works
-    /// while attached, and is refused (`EINVAL`) only once the IOAS has both a domain (an attached
-    /// device or page table) and a mapping.
+    /// kernel maps every area with the smallest IOMMU page and the IOVA alignment that
+    /// [`iova_ranges`](Self::iova_ranges) reports becomes at least the CPU page size.
+    ///
+    /// Allowing them always succeeds. Forbidding them works while devices are attached, and while
+    /// mappings exist, but not both at once: once the IOAS has a domain (an attached device, or a HWPT
+    /// allocated on it) and holds a mapping, the kernel refuses with `EINVAL` (the mappings may already
+    /// use huge IOPTEs). `EADDRINUSE` if an existing mapping is not aligned to the new alignment.
     pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
         const OP: &str = "IOMMU_OPTION";
         // Under the area lock: the kernel's answer depends on whether areas exist.
@@ -842,6 +858,11 @@ impl<M: Memory> Mapping<M> {
     /// Id of the IOAS the range lives in.
     pub fn ioas_id(&self) -> u32 {
         self.ioas.id()
+    }
+
+    /// The iommufd of the IOAS the range lives in.
+    pub(crate) fn iommufd(&self) -> &Iommufd {
+        self.ioas.iommufd()
     }
 
     /// Unmaps this guard's range with the registry locked; the entry goes only once the kernel

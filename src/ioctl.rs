@@ -70,10 +70,21 @@ ops! {
 }
 
 /// A hint for an errno that has a well-known cause for this operation.
+///
+/// Each cause is what the running kernel's source does for that errno, not a guess: for example pages
+/// are pinned (and charged against `RLIMIT_MEMLOCK`) when a mapping meets a domain, which happens at
+/// map time if the IOAS already has one, and at attach or HWPT allocation time for the mappings it
+/// already holds; a process with `CAP_IPC_LOCK` is never charged (`iopt_alloc_pages`).
 fn hint(op: &Op, errno: Errno) -> Option<&'static str> {
     Some(match (op.request, errno) {
         (sys::IOMMU_IOAS_MAP | sys::IOMMU_IOAS_MAP_FILE | sys::IOMMU_IOAS_COPY, Errno::NOMEM) => {
-            "pinning exceeded RLIMIT_MEMLOCK (raise it, or see Iommufd::set_rlimit_mode)"
+            "pinning exceeded RLIMIT_MEMLOCK (raise it, or see Iommufd::set_rlimit_mode); a process with \
+             CAP_IPC_LOCK is never limited, so for it memory itself ran out"
+        }
+        (sys::VFIO_DEVICE_ATTACH_IOMMUFD_PT | sys::IOMMU_HWPT_ALLOC, Errno::NOMEM) => {
+            "pinning the IOAS's existing mappings for the new domain exceeded RLIMIT_MEMLOCK (raise it, or \
+             see Iommufd::set_rlimit_mode); a process with CAP_IPC_LOCK is never limited, so for it memory \
+             itself ran out"
         }
         (sys::IOMMU_IOAS_MAP | sys::IOMMU_IOAS_MAP_FILE | sys::IOMMU_IOAS_COPY, Errno::EXIST) => {
             "the IOVA range overlaps an existing mapping"
@@ -90,7 +101,13 @@ fn hint(op: &Op, errno: Errno) -> Option<&'static str> {
         (sys::VFIO_DEVICE_BIND_IOMMUFD, Errno::PERM) => {
             "no interrupt remapping: set iommufd.allow_unsafe_interrupts=1 if the platform is trusted"
         }
-        (sys::VFIO_DEVICE_BIND_IOMMUFD, Errno::INVAL) => "the device is already bound to an iommufd",
+        (sys::VFIO_DEVICE_BIND_IOMMUFD, Errno::INVAL) => {
+            "the device is already bound to an iommufd (a cdev can be opened many times, but the device \
+             bound through only one of them at a time)"
+        }
+        (sys::VFIO_DEVICE_BIND_IOMMUFD, Errno::BUSY) => {
+            "the device's IOMMU group is open through the legacy VFIO group interface (/dev/vfio/<group>)"
+        }
         (sys::VFIO_DEVICE_ATTACH_IOMMUFD_PT, Errno::INVAL) => {
             "the page table is incompatible with this device, or the id names no IOAS/HWPT"
         }
@@ -192,4 +209,52 @@ pub(crate) fn destroy(fd: BorrowedFd<'_>, id: u32) -> Result<()> {
     arg.id = id;
     // SAFETY: `iommu_destroy` is IOMMU_DESTROY's argument, sized by `new()`; it holds no pointers.
     unsafe { call(fd, &DESTROY, &mut arg) }.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memlock_hints_match_the_kernel() {
+        for op in [&IOAS_MAP, &IOAS_MAP_FILE, &IOAS_COPY, &DEVICE_ATTACH_IOMMUFD_PT, &HWPT_ALLOC] {
+            let h = hint(op, Errno::NOMEM).unwrap_or_else(|| panic!("{} has no ENOMEM hint", op.name));
+            assert!(h.contains("RLIMIT_MEMLOCK") && h.contains("CAP_IPC_LOCK is never limited"), "{h}");
+        }
+        assert!(hint(&DEVICE_ATTACH_IOMMUFD_PT, Errno::NOMEM).unwrap().contains("existing mappings"));
+    }
+
+    #[test]
+    fn bind_hints_match_the_kernel() {
+        let h = hint(&DEVICE_BIND_IOMMUFD, Errno::INVAL).unwrap();
+        assert!(h.contains("already bound") && h.contains("opened many times"), "{h}");
+        let h = hint(&DEVICE_BIND_IOMMUFD, Errno::BUSY).unwrap();
+        assert!(h.contains("legacy VFIO group"), "{h}");
+        // Opening a cdev never answers EBUSY: no hint claims it does.
+        let e = Error::open("/dev/vfio/devices/vfio0", Errno::BUSY);
+        assert!(matches!(e, Error::Open { hint: None, .. }), "{e}");
+    }
+
+    #[test]
+    fn not_supported_has_one_test() {
+        assert!(error(&HWPT_ALLOC, Errno::NOTTY).is_unsupported());
+        assert!(matches!(error(&HWPT_ALLOC, Errno::NOTTY), Error::Unsupported { since: "6.6", .. }));
+        let e = error(&HWPT_ALLOC, Errno::OPNOTSUPP);
+        assert!(e.is_unsupported() && matches!(e, Error::Ioctl { hint: Some(_), .. }), "{e}");
+        assert!(Error::NotCapable { op: "x", reason: "y".into() }.is_unsupported());
+        assert!(!error(&HWPT_ALLOC, Errno::INVAL).is_unsupported());
+        assert!(!Error::invalid("x", "y").is_unsupported());
+    }
+
+    #[test]
+    fn a_handed_back_handle_converts_into_its_error() {
+        fn close() -> std::result::Result<(), crate::CloseError<Vec<u8>>> {
+            Err(crate::CloseError::new(Error::invalid("close", "refused"), vec![1]))
+        }
+        fn caller() -> Result<()> {
+            close()?;
+            Ok(())
+        }
+        assert!(matches!(caller(), Err(Error::InvalidArgument { op: "close", .. })));
+    }
 }

@@ -93,6 +93,9 @@ impl Iommufd {
     }
 
     /// Opens an iommufd device node at `path` (for a non-standard `/dev`).
+    ///
+    /// The opened file is checked as [`from_fd`](Self::from_fd) checks: any other file (`/dev/null`,
+    /// a VFIO cdev, a regular file) gives [`Error::WrongFile`] ("not an iommufd") and is closed.
     pub fn open_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let fd = rustix::fs::open(
@@ -101,17 +104,25 @@ impl Iommufd {
             rustix::fs::Mode::empty(),
         )
         .map_err(|e| Error::open(path, e))?;
-        Ok(Self::from_owned(fd))
+        Self::checked("Iommufd::open_path", fd)
     }
 
     /// Adopts an already-open iommufd, for example one passed by a management process over a UNIX
     /// socket (QEMU's `-object iommufd,fd=N`).
     ///
-    /// The fd is checked with a side-effect-free `IOMMU_OPTION` query; a file that is not an iommufd
-    /// gives [`Error::Unsupported`] (`ENOTTY`) and is closed.
+    /// Before any typed ioctl the fd is identified by its device number: it must be a character device
+    /// whose `/sys/dev/char/MAJOR:MINOR` entry is the `iommu` misc device (`/dev/iommu`), or the
+    /// `vfio` misc device (`/dev/vfio/vfio`) when iommufd provides it
+    /// (`CONFIG_IOMMUFD_VFIO_CONTAINER`, confirmed with a side-effect-free `IOMMU_OPTION` query, as
+    /// is a misc device where sysfs is not mounted). Any other file gives [`Error::WrongFile`]
+    /// ("not an iommufd") and is closed.
     pub fn from_fd(fd: OwnedFd) -> Result<Self> {
+        Self::checked("Iommufd::from_fd", fd)
+    }
+
+    fn checked(op: &'static str, fd: OwnedFd) -> Result<Self> {
         let this = Self::from_owned(fd);
-        this.rlimit_mode()?;
+        crate::device::ident::check_iommufd(op, this.as_fd(), || this.rlimit_mode().is_ok())?;
         Ok(this)
     }
 
@@ -246,7 +257,8 @@ impl Iommufd {
     /// pages. On failure nothing changes.
     ///
     /// Pages pinned by a process with `CAP_IPC_LOCK` (root, typically) were never charged: for those
-    /// only the recorded process and `mm` move.
+    /// only the recorded process and `mm` move. The others keep the accounting chosen when they were
+    /// pinned, so they are charged to the new process even if it has `CAP_IPC_LOCK`.
     pub fn change_process(&self) -> Result<()> {
         let mut arg = sys::iommu_ioas_change_process::new();
         // SAFETY: IOMMU_IOAS_CHANGE_PROCESS takes `iommu_ioas_change_process`, sized by `new()`, with no
@@ -315,5 +327,29 @@ impl TryFrom<Iommufd> for OwnedFd {
     /// fallible because live objects share the fd: handing it out would let it be closed under them.
     fn try_from(value: Iommufd) -> std::result::Result<Self, Self::Error> {
         value.try_into_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_that_are_not_an_iommufd_are_refused_before_any_ioctl() {
+        let file = std::env::temp_dir().join(format!("iommufd-not-an-iommufd-{}", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        for path in [Path::new("/dev/null"), Path::new("/dev/zero"), &file] {
+            let e = Iommufd::open_path(path).unwrap_err();
+            assert!(matches!(e, Error::WrongFile { op: "Iommufd::open_path", .. }), "{path:?}: {e}");
+            assert!(e.to_string().contains("not an iommufd"), "{e}");
+        }
+        std::fs::remove_file(&file).unwrap();
+        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        let e = Iommufd::from_fd(null.into()).unwrap_err();
+        assert!(
+            e.to_string().starts_with("Iommufd::from_fd: not an iommufd: the file is character device 1:3"),
+            "{e}"
+        );
+        assert!(!e.is_unsupported(), "a wrong file is a caller bug, not a missing kernel feature");
     }
 }

@@ -84,6 +84,7 @@
 //! well-known cause. `ENOTTY` becomes [`Error::Unsupported`] naming the kernel release that introduced
 //! the ioctl. Bad arguments are rejected with [`Error::InvalidArgument`] or [`Error::ForeignObject`]
 //! before any ioctl is issued.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
@@ -105,6 +106,7 @@ mod nested;
 mod object;
 pub mod probe;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 #[cfg(test)]
 mod tests;

@@ -496,6 +496,10 @@ impl MockDevice {
     /// device keeps `pt` alive until the PASID is detached.
     pub fn attach_pasid(&self, pasid: u32, pt: &impl PageTable) -> Result<u32> {
         const OP: &str = "IOMMU_TEST_OP_PASID_ATTACH";
+        if pasid == 0 {
+            // PASID 0 means "no PASID" to the kernel: that is the device's own attachment.
+            return Err(Error::invalid(OP, "PASID 0 is the whole device, not a PASID: use replace()"));
+        }
         let new = pt.pt_ref();
         self.inner.iommufd.check_same(new.iommufd(), OP)?;
         let mut state = self.inner.state();
@@ -1131,7 +1135,13 @@ mod tests {
     #[test]
     fn a_kernel_without_the_test_command_is_unsupported_and_the_op_is_named() {
         // Any file that is not an iommufd answers ENOTTY, as /dev/iommu does without CONFIG_IOMMUFD_TEST.
-        let not_iommufd = Iommufd::open_path("/dev/null").unwrap();
+        // `open_path` refuses /dev/null before any ioctl; `from_raw_fd` adopts it unchecked.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: the fd is freshly opened and its ownership moves to the handle; it is deliberately not
+        // an iommufd.
+        let not_iommufd = unsafe {
+            <Iommufd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(null))
+        };
         let e = set_temp_memory_limit(&not_iommufd, DEFAULT_TEMP_MEMORY_LIMIT).unwrap_err();
         assert!(e.is_unsupported(), "{e}");
         assert!(matches!(e, Error::Unsupported { op: "IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT", .. }), "{e}");

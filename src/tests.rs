@@ -37,7 +37,13 @@ pub(crate) fn assert_invalid<T: std::fmt::Debug>(r: Result<T>, op: &str, needle:
 
 #[test]
 fn ioctl_on_a_non_iommufd_is_unsupported_with_the_kernel_version() {
-    let e = Iommufd::from_fd(dev_null()).unwrap_err();
+    // `from_raw_fd` adopts without checking (`from_fd` refuses /dev/null before any ioctl), so the
+    // ioctl reaches /dev/null, which answers ENOTTY.
+    // SAFETY: the fd is freshly opened and owned; it is deliberately not an iommufd.
+    let fd = unsafe {
+        <Iommufd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(dev_null()))
+    };
+    let e = fd.rlimit_mode().unwrap_err();
     match &e {
         Error::Unsupported { op, since } => {
             assert_eq!(*op, "IOMMU_OPTION");

@@ -27,9 +27,11 @@ use iommufd_sys as sys;
 use rustix::io::Errno;
 
 use crate::device::IommuDevice;
+use crate::dma::Memory;
 use crate::error::{Error, Result};
-use crate::fault::poll_readable;
+use crate::fault::{deadline, poll_readable};
 use crate::hwpt::{Hwpt, HwptFlags, HwptInner, HwptKind, NestParent, ObjRef, sealed};
+use crate::ioas::Mapping;
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
 use crate::nested::{InvalidateEntries, InvalidateError, invalidate_object};
@@ -397,6 +399,11 @@ pub enum VeventRecord {
     Lost(LostEvents),
 }
 
+/// The largest payload one vEVENT can have: the kernel allocates each event with one `kmalloc`,
+/// whose limit (`KMALLOC_MAX_SIZE`, 2^(MAX_PAGE_ORDER + PAGE_SHIFT)) is at most 512 MiB in any
+/// default configuration (4 MiB on x86-64).
+pub(crate) const MAX_VEVENT_DATA: usize = 512 << 20;
+
 /// vEVENT sequence numbers run over `0..=INT_MAX` and wrap to 0.
 const SEQ_MASK: u32 = i32::MAX as u32;
 const VEVENT_HEADER: usize = size_of::<sys::iommufd_vevent_header>();
@@ -514,10 +521,8 @@ pub struct Veventq {
     fd: OwnedFd,
     obj: Object,
     viommu: Arc<ViommuInner>,
-    kind: VeventqType,
     depth: u32,
-    tracker: SeqTracker,
-    lost: u64,
+    reader: EventReader,
 }
 
 impl std::fmt::Debug for Veventq {
@@ -526,17 +531,151 @@ impl std::fmt::Debug for Veventq {
             .field("id", &self.id())
             .field("fd", &self.fd.as_raw_fd())
             .field("viommu", &self.viommu.obj.id())
-            .field("kind", &self.kind)
+            .field("kind", &self.reader.kind)
             .field("depth", &self.depth)
-            .field("lost", &self.lost)
+            .field("lost", &self.reader.lost)
             .finish()
     }
 }
 
-impl Veventq {
-    /// How many events one read asks for.
-    const BATCH: usize = 64;
+/// A vEVENTQ's fd as [`EventReader`] sees it (a trait so the read logic can be tested against a
+/// model of the kernel).
+pub(crate) trait VeventFd {
+    /// One `read(2)` of at most `len` bytes (`ENOMEM` if no buffer of that size can be had).
+    fn read(&mut self, len: usize) -> rustix::io::Result<Vec<u8>>;
+    /// Whether an event is pending now (`POLLIN`), without waiting.
+    fn readable(&mut self) -> Result<bool>;
+}
 
+impl VeventFd for BorrowedFd<'_> {
+    fn read(&mut self, len: usize) -> rustix::io::Result<Vec<u8>> {
+        let mut buf: Vec<u8> = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| Errno::NOMEM)?;
+        // Read into uninitialised spare capacity, exactly `len` bytes of it: a large buffer is not
+        // touched beyond what the kernel writes.
+        let window = buf.spare_capacity_mut().get_mut(..len).ok_or(Errno::NOMEM)?;
+        let (got, _) = rustix::io::read(*self, window)?;
+        Ok(got.to_vec())
+    }
+
+    fn readable(&mut self) -> Result<bool> {
+        poll_readable(*self, Some(Duration::ZERO), "poll(vEVENTQ)")
+    }
+}
+
+/// The read side of a vEVENTQ: its type, lost-event accounting and what a read held back.
+#[derive(Debug)]
+struct EventReader {
+    kind: VeventqType,
+    tracker: SeqTracker,
+    lost: u64,
+    /// An error [`Veventq::read`] held back because it returned the records read before it.
+    pending: Option<Error>,
+    /// Whether an event of the size the type gives has been read (reads take one event at a time
+    /// until then).
+    sized: bool,
+}
+
+impl EventReader {
+    /// How many events one `read(2)` asks for, at most.
+    const BATCH: usize = 64;
+    /// The read buffer's size: [`BATCH`](Self::BATCH) events, fewer if they are large (but always
+    /// room for one).
+    const READ_BYTES: usize = 64 << 10;
+    /// A read returns after this many `read(2)`s that filled the buffer, so that a vIOMMU that keeps
+    /// reporting cannot keep one call reading forever.
+    const MAX_READS: usize = 64;
+
+    fn new(kind: VeventqType) -> EventReader {
+        EventReader { kind, tracker: SeqTracker::default(), lost: 0, pending: None, sized: false }
+    }
+
+    /// [`Veventq::read`] on `fd`.
+    fn read(&mut self, fd: &mut dyn VeventFd) -> Result<Vec<VeventRecord>> {
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
+        let mut out = Vec::new();
+        match self.read_into(fd, &mut out) {
+            Ok(()) => Ok(out),
+            Err(e) if out.is_empty() => Err(e),
+            Err(e) => {
+                self.pending = Some(e);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Reads pending events into `out` until none is left (or [`MAX_READS`](Self::MAX_READS) full
+    /// buffers were read); on error, `out` keeps what was read before it.
+    fn read_into(&mut self, fd: &mut dyn VeventFd, out: &mut Vec<VeventRecord>) -> Result<()> {
+        const OP: &str = "read(vEVENTQ)";
+        let data_len = self.kind.data_len();
+        // `alloc` bounds `data_len`, so neither sum overflows.
+        let record = VEVENT_HEADER.saturating_add(data_len);
+        let batch_len = record.saturating_mul((Self::READ_BYTES / record).clamp(1, Self::BATCH));
+        let kind = self.kind;
+        let too_small = || Error::Protocol {
+            op: OP,
+            detail: format!(
+                "the next event is larger than {record} bytes (an event header and {data_len} bytes of \
+                 payload): the queue's type, {kind:?}, does not match its events"
+            ),
+        };
+        // Whether the last read(2) returned nothing while the fd was readable.
+        let mut empty_but_readable = false;
+        for _ in 0..Self::MAX_READS {
+            // Until an event of the expected size has been read, read one record at a time: the
+            // kernel refuses an event larger than the buffer rather than handing it out, so a type
+            // whose events are larger than `data_len` is caught before anything is misparsed.
+            let len = if self.sized { batch_len } else { record };
+            let got = match fd.read(len) {
+                Ok(got) => got,
+                // Current kernels: the first pending event does not fit the buffer.
+                Err(Errno::INVAL) => return Err(too_small()),
+                Err(e) => return Err(Error::os(OP, e)),
+            };
+            if got.is_empty() {
+                // Either the queue is empty, or its first event does not fit: kernels before a
+                // 2026 fix answer 0 rather than EINVAL then, and the fd stays readable. A readable
+                // fd is read once more (an event that merely arrived in between is read then);
+                // nothing again means the event does not fit.
+                if !fd.readable()? {
+                    return Ok(());
+                }
+                if empty_but_readable {
+                    return Err(too_small());
+                }
+                empty_but_readable = true;
+                continue;
+            }
+            empty_but_readable = false;
+            let n = got.len();
+            if n > len {
+                return Err(Error::Protocol {
+                    op: OP,
+                    detail: format!("the kernel reported {n} bytes read into a {len}-byte buffer"),
+                });
+            }
+            let before = out.len();
+            let lost = parse_vevents(kind, &got, &mut self.tracker, out)?;
+            self.lost = self.lost.saturating_add(lost);
+            // A whole event read into a one-record buffer: the events have the expected size.
+            self.sized |=
+                out.get(before..).is_some_and(|new| new.iter().any(|r| matches!(r, VeventRecord::Event(_))));
+            // The kernel stops early only when the queue is empty or the next event does not fit
+            // (a lost-events header is shorter than a record, so room for a whole record means
+            // nothing more was pending, or an event too large for its type is next: the next call
+            // reports that).
+            if len - n >= record {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Veventq {
     /// Allocates an event queue of `kind` holding at most `depth` events on `viommu`
     /// (`IOMMU_VEVENTQ_ALLOC`, Linux 6.15).
     ///
@@ -546,6 +685,16 @@ impl Veventq {
     pub fn alloc(viommu: &Viommu, kind: VeventqType, depth: u32) -> Result<Veventq> {
         if depth == 0 {
             return Err(Error::invalid(VEVENTQ_ALLOC, "the depth is zero"));
+        }
+        if kind.data_len() > MAX_VEVENT_DATA {
+            return Err(Error::invalid(
+                VEVENTQ_ALLOC,
+                format!(
+                    "a payload of {} bytes per event is more than the kernel can allocate for one \
+                     event ({MAX_VEVENT_DATA} bytes)",
+                    kind.data_len()
+                ),
+            ));
         }
         let iommufd = viommu.iommufd();
         let mut arg = sys::iommu_veventq_alloc::new();
@@ -562,10 +711,8 @@ impl Veventq {
             fd,
             obj: Object::new(iommufd, arg.out_veventq_id, "vEVENTQ"),
             viommu: viommu.inner.clone(),
-            kind,
             depth,
-            tracker: SeqTracker::default(),
-            lost: 0,
+            reader: EventReader::new(kind),
         })
     }
 
@@ -576,7 +723,7 @@ impl Veventq {
 
     /// The type it was allocated with.
     pub fn kind(&self) -> VeventqType {
-        self.kind
+        self.reader.kind
     }
 
     /// The most events the kernel holds before dropping new ones.
@@ -591,49 +738,40 @@ impl Veventq {
 
     /// How many events the kernel dropped so far, as seen by the reads of this handle.
     pub fn lost_events(&self) -> u64 {
-        self.lost
+        self.reader.lost
     }
 
     /// Reads every pending event without blocking (an empty vector: none pending). Dropped events
     /// appear as [`VeventRecord::Lost`] where they were dropped.
     ///
     /// Lost-event accounting assumes every read of the fd goes through this handle.
+    ///
+    /// If the events are larger than the queue's type says (a [`VeventqType::Raw`] whose `data_len`
+    /// is too small), the kernel hands out nothing and this returns [`Error::Protocol`] (every later
+    /// read does too: the event stays at the head of the queue); the first read of a queue takes
+    /// one event only, to check its size before reading in batches. A `data_len` that is too large
+    /// fails with [`Error::Protocol`] too, or (rarely, when several events happen to add up to one
+    /// record) misparses.
+    ///
+    /// Events are never dropped: if a later `read(2)` of the same call fails after some events were
+    /// read, those are returned and the error is held back for the next `read` or `read_timeout`.
     pub fn read(&mut self) -> Result<Vec<VeventRecord>> {
-        const OP: &str = "read(vEVENTQ)";
-        let record = VEVENT_HEADER + self.kind.data_len();
-        let mut buf = vec![0u8; Self::BATCH * record];
-        let mut out = Vec::new();
-        loop {
-            let n = match rustix::io::read(self.fd.as_fd(), &mut buf) {
-                Ok(n) => n,
-                Err(Errno::INVAL) => {
-                    return Err(Error::Protocol {
-                        op: OP,
-                        detail: format!(
-                            "the next event does not fit {record} bytes: wrong data_len for this queue type"
-                        ),
-                    });
-                }
-                Err(e) => return Err(Error::os(OP, e)),
-            };
-            self.lost += parse_vevents(self.kind, &buf[..n], &mut self.tracker, &mut out)?;
-            // The kernel stops early only when the queue is empty (a lost-events header is shorter
-            // than a record, so room for a whole record means nothing more was pending).
-            if buf.len() - n >= record {
-                return Ok(out);
-            }
-        }
+        self.reader.read(&mut self.fd.as_fd())
     }
 
-    /// Waits until an event is pending or `timeout` passes (`None`: no limit). Returns whether one
-    /// is pending.
+    /// Waits until an event is pending or `timeout` passes (`None`, or a timeout too long for the
+    /// clock: no limit). Returns whether one is pending.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         poll_readable(self.fd.as_fd(), timeout, "poll(vEVENTQ)")
     }
 
-    /// Waits as [`wait`](Self::wait) does, then reads every pending event (empty on timeout).
+    /// Waits as [`wait`](Self::wait) does, then reads every pending event (empty on timeout). An
+    /// error held back by an earlier read is returned at once.
     pub fn read_timeout(&mut self, timeout: Option<Duration>) -> Result<Vec<VeventRecord>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        if let Some(e) = self.reader.pending.take() {
+            return Err(e);
+        }
+        let deadline = deadline(timeout);
         loop {
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if !self.wait(remaining)? {
@@ -673,6 +811,7 @@ impl AsRawFd for Veventq {
 
 /// A [`Veventq`] registered with the tokio reactor (feature `tokio`).
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[derive(Debug)]
 pub struct AsyncVeventq {
     inner: tokio::io::unix::AsyncFd<Veventq>,
@@ -700,8 +839,12 @@ impl AsyncVeventq {
         Ok(AsyncVeventq { inner })
     }
 
-    /// Waits for events and reads every pending one (never empty).
+    /// Waits for events and reads every pending one (never empty), as [`Veventq::read`] does. An
+    /// error held back by an earlier read is returned at once.
     pub async fn read(&mut self) -> Result<Vec<VeventRecord>> {
+        if let Some(e) = self.inner.get_mut().reader.pending.take() {
+            return Err(e);
+        }
         loop {
             let mut guard = self
                 .inner
@@ -749,27 +892,67 @@ impl HwQueueType {
     }
 }
 
+/// What a HW queue holds on to: its queue memory's mapping, type-erased.
+type HeldMapping = Arc<dyn Any + Send + Sync>;
+
 struct HwQueueInner {
-    // Field order is drop order: this queue, then the queue of the index below, then the vIOMMU.
-    obj: Object,
-    _prev: Option<Arc<HwQueueInner>>,
-    viommu: Arc<ViommuInner>,
+    /// `None` once destroyed (explicitly or by `Drop`).
+    obj: Option<Object>,
+    // Released after the queue is destroyed, in this order: the queue of the index below, the
+    // vIOMMU, the queue memory's mapping.
+    prev: Option<Arc<HwQueueInner>>,
+    viommu: Option<Arc<ViommuInner>>,
+    memory: Option<HeldMapping>,
+    viommu_id: u32,
     kind: HwQueueType,
     index: u32,
     iova: u64,
     length: u64,
 }
 
+impl HwQueueInner {
+    /// Destroys the queue. On failure the kernel may still use the queue, so what it holds is never
+    /// released: the vIOMMU and the queue below stay alive and the mapping is never unmapped (its
+    /// memory is leaked rather than freed while the hardware may read it).
+    fn destroy(&mut self) -> Result<()> {
+        let Some(obj) = self.obj.take() else { return Ok(()) };
+        let r = obj.destroy();
+        if r.is_err() {
+            std::mem::forget(self.prev.take());
+            std::mem::forget(self.viommu.take());
+            std::mem::forget(self.memory.take());
+        }
+        r
+    }
+}
+
+impl Drop for HwQueueInner {
+    fn drop(&mut self) {
+        let id = self.obj.as_ref().map(Object::id);
+        match self.destroy() {
+            Ok(()) => {}
+            // In a fork()ed child the queue is the parent's: leave it (and what it holds) alone.
+            Err(Error::ForeignProcess { .. }) => {}
+            Err(e) => log::error!(
+                "iommufd: failed to destroy HW queue {} on drop, leaking its memory: {e}",
+                id.unwrap_or_default()
+            ),
+        }
+    }
+}
+
 /// A hardware-accelerated queue of a vIOMMU (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17), such as a Tegra241
 /// CMDQV virtual command queue that the hardware reads directly from guest memory.
 ///
 /// The queue memory is given as an address range in the **nest parent's IOAS** (a guest physical
-/// address when the nest parent maps guest RAM), not as a user pointer. The kernel requires that
-/// range to be mapped in the IOAS and backed by physically contiguous pages (`EFAULT` otherwise; a
-/// single page always is), and pins it for the queue's lifetime: until the queue is destroyed,
-/// unmapping the range fails with `EBUSY` (a [`Mapping`](crate::Mapping) guard dropped meanwhile
-/// logs the failure and leaks its memory rather than freeing it). Destroy the queue before
-/// unmapping its memory.
+/// address when the nest parent maps guest RAM), inside a [`Mapping`] of that IOAS. The kernel
+/// requires the range to be backed by physically contiguous pages (`EFAULT` otherwise; a single
+/// page always is) and pins it for the queue's lifetime: until the queue is destroyed, unmapping the
+/// range fails with `EBUSY`. So the queue holds a clone of the mapping's `Arc`: while a queue
+/// exists the mapping cannot be unmapped ([`Arc::into_inner`] gives the guard back only once every
+/// queue on it is gone), [`Ioas::unmap_range`](crate::Ioas::unmap_range) and
+/// [`Ioas::unmap_all`](crate::Ioas::unmap_all) leave it alone, and dropping the caller's `Arc`
+/// leaves the unmap to the last queue, after the kernel destroyed it.
 ///
 /// The handle keeps its vIOMMU alive. Drivers make a queue depend on the queue of the same type and
 /// the index below it (the kernel refuses to destroy that one first): the handle of a queue with
@@ -782,7 +965,7 @@ impl std::fmt::Debug for HwQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HwQueue")
             .field("id", &self.id())
-            .field("viommu", &self.inner.viommu.obj.id())
+            .field("viommu", &self.inner.viommu_id)
             .field("kind", &self.inner.kind)
             .field("index", &self.inner.index)
             .field("iova", &self.inner.iova)
@@ -793,20 +976,53 @@ impl std::fmt::Debug for HwQueue {
 
 impl HwQueue {
     /// Allocates queue `index` of `kind` on `viommu`, reading the `length` bytes at `iova` of the
-    /// nest parent's IOAS (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17).
+    /// nest parent's IOAS (`IOMMU_HW_QUEUE_ALLOC`, Linux 6.17). The range must lie inside `memory`,
+    /// a mapping of that IOAS; the queue keeps a clone of `memory` until the kernel destroyed it.
     ///
-    /// A zero length or a range that overflows is rejected before the ioctl. The kernel answers
-    /// `EOPNOTSUPP` for a type the vIOMMU lacks (and for [`HwQueueType::Default`]), and the driver
-    /// decides which indexes are valid (`EEXIST` for a taken one; drivers that chain queues refuse
-    /// index `n` before `n - 1` exists).
-    pub fn alloc(viommu: &Viommu, kind: HwQueueType, index: u32, iova: u64, length: u64) -> Result<HwQueue> {
+    /// Rejected before the ioctl: a zero length, a range that overflows or is not inside `memory`,
+    /// and a mapping of another IOAS. The kernel answers `EOPNOTSUPP` for a type the vIOMMU lacks
+    /// (and for [`HwQueueType::Default`]), and the driver decides which indexes are valid (`EEXIST`
+    /// for a taken one; drivers that chain queues refuse index `n` before `n - 1` exists).
+    pub fn alloc<M>(
+        viommu: &Viommu,
+        kind: HwQueueType,
+        index: u32,
+        memory: &Arc<Mapping<M>>,
+        iova: u64,
+        length: u64,
+    ) -> Result<HwQueue>
+    where
+        M: Memory + 'static,
+        Mapping<M>: Send + Sync,
+    {
         if length == 0 {
             return Err(Error::invalid(HW_QUEUE_ALLOC, "the queue length is zero"));
         }
-        if iova.checked_add(length - 1).is_none() {
+        let Some(end) = iova.checked_add(length) else {
             return Err(Error::invalid(
                 HW_QUEUE_ALLOC,
                 format!("range {iova:#x}+{length:#x} overflows the address space"),
+            ));
+        };
+        let (map_start, map_len) = (memory.iova(), memory.len());
+        if iova < map_start || map_start.checked_add(map_len).is_none_or(|map_end| end > map_end) {
+            return Err(Error::invalid(
+                HW_QUEUE_ALLOC,
+                format!(
+                    "range {iova:#x}+{length:#x} is not inside the mapping {map_start:#x}+{map_len:#x} \
+                     given as its memory"
+                ),
+            ));
+        }
+        viommu.iommufd().check_same(memory.iommufd(), HW_QUEUE_ALLOC)?;
+        let ioas_id = viommu.nest_parent().parent_id();
+        if memory.ioas_id() != ioas_id {
+            return Err(Error::invalid(
+                HW_QUEUE_ALLOC,
+                format!(
+                    "the mapping is in IOAS {}, the vIOMMU's nest parent in IOAS {ioas_id}",
+                    memory.ioas_id()
+                ),
             ));
         }
         let iommufd = viommu.iommufd();
@@ -824,10 +1040,13 @@ impl HwQueue {
         // user pointers (`nesting_parent_iova` is an IOVA the kernel resolves through the IOAS and pins
         // itself), and the kernel writes the new id back through the exclusive borrow.
         unsafe { ioctl::call(iommufd.as_fd(), &ioctl::HW_QUEUE_ALLOC, &mut arg) }?;
+        let held: HeldMapping = memory.clone();
         let inner = Arc::new(HwQueueInner {
-            obj: Object::new(iommufd, arg.out_hw_queue_id, "HW queue"),
-            _prev: prev,
-            viommu: viommu.inner.clone(),
+            obj: Some(Object::new(iommufd, arg.out_hw_queue_id, "HW queue")),
+            prev,
+            viommu: Some(viommu.inner.clone()),
+            memory: Some(held),
+            viommu_id: viommu.id(),
             kind,
             index,
             iova,
@@ -840,7 +1059,7 @@ impl HwQueue {
 
     /// The kernel's id for the queue.
     pub fn id(&self) -> u32 {
-        self.inner.obj.id()
+        self.inner.obj.as_ref().map(Object::id).unwrap_or_default()
     }
 
     /// The type it was allocated with.
@@ -860,22 +1079,15 @@ impl HwQueue {
 
     /// The id of its vIOMMU.
     pub fn viommu_id(&self) -> u32 {
-        self.inner.viommu.obj.id()
+        self.inner.viommu_id
     }
 
     /// Destroys the queue now, reporting failure; refused with [`Error::InUse`] while the queue of
-    /// the next index still holds it. The vIOMMU (and the queue below) are released only after the
-    /// kernel destroyed it.
+    /// the next index still holds it. The vIOMMU, the queue below and the mapping of the queue
+    /// memory are released only after the kernel destroyed it (never, if it failed).
     pub fn destroy(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
-            Ok(HwQueueInner { obj, _prev, viommu, .. }) => {
-                let r = obj.destroy();
-                if r.is_err() {
-                    std::mem::forget(_prev);
-                    std::mem::forget(viommu);
-                }
-                r
-            }
+            Ok(mut inner) => inner.destroy(),
             Err(inner) => Err(Error::InUse { op: "IOMMU_DESTROY", users: Arc::strong_count(&inner) - 1 }),
         }
     }
@@ -1004,6 +1216,308 @@ mod tests {
             out,
             [VeventRecord::Event(Vevent { sequence: 1, data: VeventData::Tegra241Cmdqv([5, 6]) })]
         );
+    }
+
+    /// A vIOMMU handle over a made-up nest parent on a fake iommufd (`/dev/null`).
+    fn fake_viommu() -> Viommu {
+        let (iommufd, ioas) = crate::tests::fake();
+        let parent = Hwpt::fake(&ioas, 8, HwptKind::Paging, HwptFlags::NEST_PARENT);
+        Viommu {
+            inner: Arc::new(ViommuInner {
+                obj: Object::new(&iommufd, 9, "vIOMMU"),
+                nest_parent: parent.inner.clone(),
+                kind: ViommuType::Raw(0),
+                hw_queues: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A vEVENTQ handle on the host: a fake vIOMMU, and a non-blocking eventfd as its fd (readable
+    /// while its counter is not 0).
+    fn host_veventq(kind: VeventqType, readable: bool) -> Veventq {
+        let viommu = fake_viommu();
+        let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+        Veventq {
+            fd: rustix::event::eventfd(u32::from(readable), flags).unwrap(),
+            obj: Object::new(viommu.iommufd(), 10, "vEVENTQ"),
+            viommu: viommu.inner.clone(),
+            depth: 8,
+            reader: EventReader::new(kind),
+        }
+    }
+
+    /// A model of the kernel's vEVENTQ read (`iommufd_veventq_fops_read`): whole events in order, a
+    /// lost-events header wherever 8 bytes are left, the first event that does not fit answered with
+    /// `EINVAL` (`old_kernel`: 0, the fd staying readable), and a scripted failure of one read.
+    struct ModelEventq {
+        items: std::collections::VecDeque<Vec<u8>>,
+        old_kernel: bool,
+        /// Fail the read with this number (counting from 1).
+        fail_at: Option<(usize, Errno)>,
+        /// Answer the first read with nothing, as if the events arrived just after it.
+        arrive_late: bool,
+        reads: usize,
+    }
+
+    impl ModelEventq {
+        fn new(items: Vec<Vec<u8>>, old_kernel: bool) -> ModelEventq {
+            ModelEventq { items: items.into(), old_kernel, fail_at: None, arrive_late: false, reads: 0 }
+        }
+    }
+
+    impl VeventFd for ModelEventq {
+        fn read(&mut self, len: usize) -> rustix::io::Result<Vec<u8>> {
+            self.reads += 1;
+            if let Some((at, errno)) = self.fail_at {
+                if at == self.reads {
+                    return Err(errno);
+                }
+            }
+            if std::mem::take(&mut self.arrive_late) {
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::new();
+            while let Some(item) = self.items.front() {
+                let lost_header = item.len() == VEVENT_HEADER && item[0] & 1 != 0;
+                let room = len - out.len();
+                if room < VEVENT_HEADER || (!lost_header && item.len() > room) {
+                    if out.is_empty() && !self.old_kernel {
+                        return Err(Errno::INVAL);
+                    }
+                    break;
+                }
+                out.extend_from_slice(item);
+                self.items.pop_front();
+            }
+            Ok(out)
+        }
+
+        fn readable(&mut self) -> Result<bool> {
+            Ok(!self.items.is_empty())
+        }
+    }
+
+    #[test]
+    fn an_event_larger_than_its_type_is_an_error_not_an_endless_empty_read() {
+        // The mock's 12-byte events read as a type without payload (8-byte records).
+        let too_small = VeventqType::Raw { kind: 0xbeef_beef, data_len: 0 };
+        for old_kernel in [false, true] {
+            let mut kernel = ModelEventq::new(vec![event(0, 7), event(1, 7)], old_kernel);
+            let mut reader = EventReader::new(too_small);
+            for _ in 0..2 {
+                let e = reader.read(&mut kernel).unwrap_err();
+                assert!(e.to_string().contains("larger than 8 bytes"), "{e}");
+            }
+            assert_eq!(kernel.items.len(), 2, "nothing was handed out, nothing misparsed");
+            // An old kernel's 0 is read twice (the second read tells it from a late arrival).
+            assert_eq!(kernel.reads, if old_kernel { 4 } else { 2 });
+        }
+        // An empty queue is an empty read, not an error.
+        let mut reader = EventReader::new(SELFTEST);
+        assert_eq!(reader.read(&mut ModelEventq::new(vec![], true)).unwrap(), []);
+        // A first 0 with events pending is an arrival after the read: they are read.
+        let mut kernel = ModelEventq::new(vec![event(0, 7), event(1, 7)], true);
+        kernel.arrive_late = true;
+        assert_eq!(reader.read(&mut kernel).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_first_read_checks_the_event_size_then_reads_in_batches() {
+        let mut kernel = ModelEventq::new((0..200).map(|i| event(i, 7)).collect(), false);
+        let mut reader = EventReader::new(SELFTEST);
+        assert_eq!(reader.read(&mut kernel).unwrap().len(), 200);
+        // One event, then batches of 64: 1 + 64 + 64 + 64 + 7.
+        assert_eq!(kernel.reads, 5);
+        assert!(reader.sized);
+        // A payload size larger than the events': the short event is a protocol error.
+        let too_large = VeventqType::Raw { kind: 0xbeef_beef, data_len: 8 };
+        let mut kernel = ModelEventq::new(vec![event(0, 7)], false);
+        assert!(matches!(EventReader::new(too_large).read(&mut kernel), Err(Error::Protocol { .. })));
+    }
+
+    #[test]
+    fn events_read_before_a_failing_read_are_returned_and_the_error_held_back() {
+        for old_kernel in [false, true] {
+            let mut kernel = ModelEventq::new((0..70).map(|i| event(i, 7)).collect(), old_kernel);
+            // Read 1 takes one event, read 2 a batch of 64, read 3 fails.
+            kernel.fail_at = Some((3, Errno::NOMEM));
+            let mut reader = EventReader::new(SELFTEST);
+            let got = reader.read(&mut kernel).unwrap();
+            assert_eq!(got.len(), 65, "the 65 events are returned, not dropped");
+            assert_eq!(
+                got[64],
+                VeventRecord::Event(Vevent {
+                    sequence: 64,
+                    data: VeventData::Raw(7u32.to_ne_bytes().to_vec())
+                })
+            );
+            // The error comes next, once; then the rest, without a gap.
+            assert_eq!(reader.read(&mut kernel).unwrap_err().errno(), Some(Errno::NOMEM));
+            let rest = reader.read(&mut kernel).unwrap();
+            assert_eq!(rest.len(), 5);
+            assert_eq!(reader.lost, 0);
+        }
+        // A torn read after good ones: the good ones are returned, the protocol error next.
+        let mut torn = event(1, 7);
+        torn.truncate(10);
+        let mut kernel = ModelEventq::new(vec![event(0, 7), torn], false);
+        let mut reader = EventReader::new(SELFTEST);
+        assert_eq!(reader.read(&mut kernel).unwrap().len(), 1);
+        assert!(matches!(reader.read(&mut kernel), Err(Error::Protocol { .. })));
+        // `read_timeout` returns a held-back error at once, before waiting.
+        let mut q = host_veventq(SELFTEST, false);
+        q.reader.pending = Some(Error::os("read(vEVENTQ)", Errno::NOMEM));
+        assert_eq!(q.read_timeout(None).unwrap_err().errno(), Some(Errno::NOMEM));
+    }
+
+    #[test]
+    fn huge_payload_sizes_are_refused_not_aborted_on() {
+        let viommu = fake_viommu();
+        for data_len in [usize::MAX, usize::MAX - 7, MAX_VEVENT_DATA + 1] {
+            let kind = VeventqType::Raw { kind: 0xbeef_beef, data_len };
+            match Veventq::alloc(&viommu, kind, 8) {
+                Err(Error::InvalidArgument { op: VEVENTQ_ALLOC, reason }) => {
+                    assert!(reason.contains("payload"))
+                }
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            }
+        }
+        // The largest payload the kernel can produce is accepted, and a read with a buffer for it
+        // neither aborts nor touches the memory it does not need (the eventfd answers EAGAIN).
+        let mut q = host_veventq(VeventqType::Raw { kind: 0xbeef_beef, data_len: MAX_VEVENT_DATA }, false);
+        assert_eq!(q.read().unwrap_err().errno(), Some(Errno::AGAIN));
+    }
+
+    #[test]
+    fn waits_without_limit_do_not_overflow_the_clock() {
+        // These used to panic adding the timeout to `Instant::now()`.
+        let mut q = host_veventq(SELFTEST, true);
+        assert!(q.wait(Some(Duration::MAX)).unwrap());
+        // The eventfd's counter (1) reads as a lost-events header numbered 0.
+        assert_eq!(
+            q.read_timeout(Some(Duration::MAX)).unwrap(),
+            [VeventRecord::Lost(LostEvents { first_sequence: 0, count: 1 })]
+        );
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_kind() -> impl Strategy<Value = VeventqType> {
+            prop_oneof![
+                Just(VeventqType::Default),
+                Just(VeventqType::ArmSmmuv3),
+                Just(VeventqType::Tegra241Cmdqv),
+                (any::<u32>(), 0usize..48).prop_map(|(kind, data_len)| VeventqType::Raw { kind, data_len }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any bytes of any length, any type, any accounting state: records or a protocol error,
+            /// never a panic; the lost total is the sum of the lost records.
+            #[test]
+            fn parse_vevents_never_panics(
+                kind in any_kind(),
+                bytes in proptest::collection::vec(any::<u8>(), 0..300),
+                next in 0u32..=SEQ_MASK,
+            ) {
+                let mut tracker = SeqTracker { next };
+                let mut out = Vec::new();
+                if let Ok(lost) = parse_vevents(kind, &bytes, &mut tracker, &mut out) {
+                    let counted: u64 = out
+                        .iter()
+                        .map(|r| match r { VeventRecord::Lost(l) => u64::from(l.count), _ => 0 })
+                        .sum();
+                    prop_assert_eq!(lost, counted);
+                    for r in &out {
+                        match r {
+                            VeventRecord::Event(e) => {
+                                let len = match &e.data {
+                                    VeventData::ArmSmmuv3(_) => 32,
+                                    VeventData::Tegra241Cmdqv(_) => 16,
+                                    VeventData::Raw(b) => b.len(),
+                                };
+                                prop_assert_eq!(len, kind.data_len());
+                            }
+                            VeventRecord::Lost(l) => {
+                                prop_assert!(l.count >= 1 && l.count <= SEQ_MASK + 1);
+                                prop_assert!(l.first_sequence <= SEQ_MASK);
+                            }
+                        }
+                    }
+                    prop_assert!(tracker.next <= SEQ_MASK);
+                }
+            }
+
+            /// A stream the kernel could write (events numbered with gaps where events were dropped,
+            /// a lost-events header possibly at the end) decodes to every event, and the losses
+            /// counted are exactly the numbers skipped.
+            #[test]
+            fn kernel_streams_decode_with_exact_loss_accounting(
+                start in 0u32..=SEQ_MASK,
+                steps in proptest::collection::vec((0u32..4, any::<u32>()), 0..40),
+                tail_lost in proptest::option::of(0u32..4),
+                kind in any_kind(),
+            ) {
+                let data_len = kind.data_len();
+                let mut tracker = SeqTracker { next: start };
+                let mut seq = start;
+                let mut bytes = Vec::new();
+                let mut want_lost = 0u64;
+                let mut want_events = Vec::new();
+                for (gap, payload_seed) in &steps {
+                    seq = seq.wrapping_add(*gap) & SEQ_MASK;
+                    want_lost += u64::from(*gap);
+                    bytes.extend_from_slice(&header(0, seq));
+                    let payload: Vec<u8> = (0..data_len).map(|i| (payload_seed.wrapping_add(i as u32)) as u8).collect();
+                    bytes.extend_from_slice(&payload);
+                    want_events.push((seq, payload));
+                    seq = seq.wrapping_add(1) & SEQ_MASK;
+                }
+                if let Some(extra) = tail_lost {
+                    // The header carries the number of the last dropped event.
+                    let last = seq.wrapping_add(extra) & SEQ_MASK;
+                    bytes.extend_from_slice(&header(sys::IOMMU_VEVENTQ_FLAG_LOST_EVENTS, last));
+                    want_lost += u64::from(extra) + 1;
+                }
+                let mut out = Vec::new();
+                let lost = parse_vevents(kind, &bytes, &mut tracker, &mut out).unwrap();
+                prop_assert_eq!(lost, want_lost);
+                let events: Vec<(u32, Vec<u8>)> = out
+                    .iter()
+                    .filter_map(|r| match r {
+                        VeventRecord::Event(e) => Some((e.sequence, e.data.clone())),
+                        VeventRecord::Lost(_) => None,
+                    })
+                    .map(|(s, d)| {
+                        let raw = match d {
+                            VeventData::ArmSmmuv3(w) => w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                            VeventData::Tegra241Cmdqv(w) => w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                            VeventData::Raw(b) => b,
+                        };
+                        (s, raw)
+                    })
+                    .collect();
+                prop_assert_eq!(events, want_events);
+            }
+
+            /// The sequence tracker: any state, any number: no panic, numbers stay in range.
+            #[test]
+            fn seq_tracker_stays_in_range(next in 0u32..=SEQ_MASK, seq: u32, lost_header: bool) {
+                let mut t = SeqTracker { next };
+                if lost_header {
+                    let l = t.lost_header(seq);
+                    prop_assert!(l.count >= 1 && l.count <= SEQ_MASK + 1);
+                } else if let Some(l) = t.event(seq) {
+                    prop_assert!(l.count >= 1 && l.count <= SEQ_MASK);
+                    prop_assert_eq!(l.first_sequence, next);
+                }
+                prop_assert_eq!(t.next, (seq & SEQ_MASK).wrapping_add(1) & SEQ_MASK);
+            }
+        }
     }
 
     #[test]

@@ -33,9 +33,93 @@ fn open_by_cdev_path_and_by_fd() {
     drop(dev);
     let raw: std::os::fd::OwnedFd =
         std::fs::OpenOptions::new().read(true).write(true).open(&cdev).unwrap().into();
-    let dev = VfioDevice::from_fd(raw);
-    assert_eq!(dev.name(), Some(device_address().as_str()), "name recovered through /proc/self/fd");
+    let dev = VfioDevice::from_fd(raw).unwrap();
+    assert_eq!(dev.name(), Some(device_address().as_str()), "name recovered from the fd's device number");
     dev.bind(&fd).unwrap();
+}
+
+/// A directory for this test's files, removed first if a previous run left it.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("iommufd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
+fn device_name_comes_from_the_device_number_not_the_path() {
+    let cdev = device_address().parse::<iommufd::PciAddress>().unwrap().vfio_cdev_path().unwrap();
+    let dir = scratch("names");
+    // A symlink whose name is no cdev's name: the path's file name says nothing about the device.
+    let link = dir.join("vfio4242");
+    std::os::unix::fs::symlink(&cdev, &link).unwrap();
+    let dev = VfioDevice::open(&link).unwrap();
+    assert_eq!(dev.name(), Some(device_address().as_str()), "opened through a symlink");
+    drop(dev);
+    // A bind mount of the cdev on a file with another name: /proc/self/fd shows the mount's path.
+    let target = dir.join("not-a-vfio-name");
+    std::fs::write(&target, b"").unwrap();
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let (src, dst) = (c(&cdev), c(&target));
+    // SAFETY: both arguments are NUL-terminated paths alive for the call; the other pointers are null,
+    // which MS_BIND allows.
+    let rc =
+        unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    assert_eq!(rc, 0, "bind mount: {}", std::io::Error::last_os_error());
+    let raw: std::os::fd::OwnedFd =
+        std::fs::OpenOptions::new().read(true).write(true).open(&target).unwrap().into();
+    let shown =
+        std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&raw))).unwrap();
+    assert_eq!(shown, target, "the fd's link text names the bind mount, not the cdev");
+    let dev = VfioDevice::from_fd(raw).unwrap();
+    assert_eq!(dev.name(), Some(device_address().as_str()), "adopted from a bind mount");
+    let fd = Iommufd::open().unwrap();
+    let dev = dev.bind(&fd).unwrap();
+    assert_eq!(fd.bound_device_names(), vec![device_address()]);
+    assert!(dev.group().unwrap().devices.iter().any(|d| d.name == device_address() && d.bound_here));
+    let real = std::fs::canonicalize(format!("/sys/bus/pci/devices/{}", device_address())).unwrap();
+    assert_eq!(dev.sysfs_path(), Some(real), "the device's own sysfs directory");
+    drop(dev);
+    // SAFETY: `dst` is a NUL-terminated path alive for the call.
+    assert_eq!(unsafe { libc::umount2(dst.as_ptr(), 0) }, 0, "{}", std::io::Error::last_os_error());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
+fn files_of_the_wrong_kind_are_refused_before_any_ioctl() {
+    let cdev = device_address().parse::<iommufd::PciAddress>().unwrap().vfio_cdev_path().unwrap();
+    let open = |p: &std::path::Path| -> std::os::fd::OwnedFd {
+        std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap().into()
+    };
+    // A VFIO cdev is not an iommufd (the kernel would answer IOMMU_OPTION with a bare EINVAL).
+    let e = Iommufd::from_fd(open(&cdev)).unwrap_err();
+    assert!(matches!(e, Error::WrongFile { expected: "an iommufd", .. }), "{e}");
+    assert!(e.to_string().contains("not an iommufd") && e.to_string().contains("vfio-dev"), "{e}");
+    let e = Iommufd::open_path(&cdev).unwrap_err();
+    assert!(e.to_string().contains("not an iommufd"), "{e}");
+    // /dev/iommu is not a VFIO device cdev.
+    let e = VfioDevice::from_fd(open(std::path::Path::new("/dev/iommu"))).unwrap_err();
+    assert!(matches!(e, Error::WrongFile { .. }), "{e}");
+    assert!(e.to_string().contains("misc/iommu"), "{e}");
+    let e = VfioDevice::open("/dev/iommu").unwrap_err();
+    assert!(matches!(e, Error::WrongFile { .. }), "{e}");
+    // A legacy VFIO group node is not a device cdev.
+    let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", device_address())).unwrap();
+    let group_node = std::path::Path::new("/dev/vfio").join(group.file_name().unwrap());
+    let e = VfioDevice::open(&group_node).unwrap_err();
+    assert!(matches!(e, Error::WrongFile { .. }), "{e}");
+    if iommu() != "hardware" {
+        // The VM kernel has the legacy VFIO container (CONFIG_VFIO_CONTAINER), not iommufd's
+        // emulation of it: /dev/vfio/vfio is the vfio misc device, and IOMMU_OPTION fails there.
+        let e = Iommufd::open_path("/dev/vfio/vfio").unwrap_err();
+        assert!(e.to_string().contains("legacy VFIO container"), "{e}");
+    }
+    // The real ones pass.
+    Iommufd::from_fd(open(std::path::Path::new("/dev/iommu"))).unwrap();
+    Iommufd::open_path("/dev/iommu").unwrap();
+    VfioDevice::from_fd(open(&cdev)).unwrap();
 }
 
 #[test]
@@ -206,7 +290,11 @@ fn device_info_regions_and_reset() {
     assert!(!dev.bus_master().unwrap());
     // VFIO reports whether the device can be reset; the ioctl must agree.
     if info.flags.contains(iommufd::DeviceFlags::RESET) {
+        // The kernel saves and restores config space around the reset: bus mastering survives.
+        dev.set_bus_master(true).unwrap();
         dev.reset().unwrap();
+        assert!(dev.bus_master().unwrap(), "bus mastering was lost by the reset");
+        dev.set_bus_master(false).unwrap();
     } else {
         assert!(dev.reset().is_err(), "reset succeeded on a device that reports no reset");
     }
@@ -268,4 +356,23 @@ fn display_and_precopy_ioctls_are_not_vfio_pci_ones() {
     // SAFETY: the fd is a VFIO device cdev, which the contract allows.
     let e = unsafe { iommufd::precopy_info(&dev) }.unwrap_err();
     assert!(matches!(e, Error::Unsupported { op: "VFIO_MIG_GET_PRECOPY_INFO", .. }), "{e}");
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
+fn a_cdev_opens_many_times_but_binds_once() {
+    let fd = Iommufd::open().unwrap();
+    let first = VfioDevice::open_pci(&device_address()).unwrap();
+    let second = VfioDevice::open_pci(&device_address()).unwrap();
+    let third = VfioDevice::open_pci(&device_address()).unwrap();
+    let bound = first.bind(&fd).unwrap();
+    // Opening succeeded three times; binding a second time, to any iommufd, is EINVAL.
+    let e = second.bind(&fd).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::INVAL), "{e}");
+    assert!(e.to_string().contains("already bound"), "{e}");
+    let e = third.bind(&Iommufd::open().unwrap()).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::INVAL), "{e}");
+    drop(bound);
+    // Once unbound, a fresh open binds again.
+    bind(&fd).close().unwrap();
 }

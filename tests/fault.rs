@@ -105,6 +105,30 @@ fn faults_are_read_and_answered() {
 
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn waits_without_limit_and_reads_of_many_batches() {
+    let (_iommufd, ioas, dev, faults, _hwpt) = setup();
+    // A timeout the clock cannot add to now is no limit (it used to panic on Instant overflow).
+    dev.trigger_iopf(&request(1, 0x6000)).unwrap();
+    assert!(faults.wait(Some(Duration::MAX)).unwrap());
+    let got = faults.read_timeout(Some(Duration::MAX)).unwrap();
+    assert_eq!(got.len(), 1);
+    faults.respond(&got[0].response(ResponseCode::Success)).unwrap();
+
+    // More groups than one batch holds: one read gets them all, in order.
+    for g in 0..150u32 {
+        dev.trigger_iopf(&request(g, 0x10_0000 + u64::from(g) * 0x1000)).unwrap();
+    }
+    let got = faults.read().unwrap();
+    assert_eq!(got.iter().map(|f| f.grpid).collect::<Vec<_>>(), (0..150).collect::<Vec<_>>());
+    assert!(got.iter().all(|f| f.is_last()));
+    let answers: Vec<PageResponse> = got.iter().map(|f| f.response(ResponseCode::Success)).collect();
+    assert_eq!(faults.respond_all(&answers).unwrap(), 150);
+    assert!(faults.read().unwrap().is_empty());
+    dev.replace(&ioas).unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn pasid_faults_carry_the_pasid() {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();

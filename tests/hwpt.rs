@@ -435,3 +435,48 @@ fn dropping_in_any_order_tears_down_children_first() {
     }
     ioas.destroy().unwrap();
 }
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn a_refused_destroy_gives_the_handle_back() {
+    let (fd, ioas, dev) = setup();
+    let parent = nest_parent(&dev, &ioas);
+    let parent_id = parent.id();
+    // A nested table the crate does not know of holds the parent in the kernel: the handle is the
+    // only one, so the destroy reaches the kernel, which refuses it.
+    let nested = raw_alloc_nested(&fd, dev.dev_id(), parent_id).unwrap();
+    let (e, parent) = parent.destroy().unwrap_err().into_parts();
+    assert_eq!(e.errno(), Some(Errno::BUSY), "{e}");
+    assert!(e.is_retryable());
+    // The handle came back intact: the object and its IOAS reference are still alive and usable.
+    assert_eq!((parent.id(), parent.parent_id()), (parent_id, ioas.id()));
+    dev.replace(&parent).unwrap();
+    dev.replace(&ioas).unwrap();
+    // Once the kernel's other user is gone, the same handle is destroyed for good.
+    // SAFETY: `nested` was allocated by the raw ioctl above; no handle owns it.
+    unsafe { fd.destroy_raw(nested) }.unwrap();
+    parent.destroy().unwrap();
+    // SAFETY: the handle owning `parent_id` is gone: this checks that the object is too.
+    let e = unsafe { fd.destroy_raw(parent_id) }.unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::NOENT), "{e}");
+    // The IOAS was released after the HWPT: it can go now that the device leaves.
+    dev.close().unwrap();
+    ioas.destroy().unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn a_refused_destroy_left_to_drop_destroys_later() {
+    let (fd, ioas, dev) = setup();
+    let parent = nest_parent(&dev, &ioas);
+    let parent_id = parent.id();
+    let nested = raw_alloc_nested(&fd, dev.dev_id(), parent_id).unwrap();
+    let parent = parent.destroy().unwrap_err().into_inner();
+    // SAFETY: `nested` was allocated by the raw ioctl above; no handle owns it.
+    unsafe { fd.destroy_raw(nested) }.unwrap();
+    // Dropping the returned handle destroys the object: nothing leaks.
+    drop(parent);
+    // SAFETY: the handle owning `parent_id` is gone: this checks that the object is too.
+    let e = unsafe { fd.destroy_raw(parent_id) }.unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::NOENT), "{e}");
+}

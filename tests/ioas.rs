@@ -233,5 +233,5 @@ fn adopting_a_passed_fd_works_and_rejects_other_files() {
     let iommufd = Iommufd::from_fd(fd).unwrap();
     iommufd.alloc_ioas().unwrap();
     let null: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-    assert!(matches!(Iommufd::from_fd(null), Err(Error::Unsupported { .. })));
+    assert!(matches!(Iommufd::from_fd(null), Err(Error::WrongFile { .. })));
 }

@@ -345,38 +345,115 @@ fn attach_pasid_on_edu() {
     let fd = Iommufd::open().unwrap();
     let dev = edu(&fd);
     let info = dev.hw_info().unwrap();
-    let ioas = fd.alloc_ioas().unwrap();
-    let r = dev.attach_pasid(1, &ioas);
-    let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::PASID);
-    let r2 = hwpt.as_ref().ok().map(|h| dev.attach_pasid(1, h));
     assert_eq!(info.max_pasid_log2, 0, "edu has no PASID capability");
-    // A bare IOAS: iommufd gives the PASID an automatic HWPT, and automatic HWPTs are allocated without
-    // IOMMU_HWPT_ALLOC_PASID, so iommufd_hwpt_pasid_compat refuses the attach with EINVAL before the
-    // IOMMU driver is asked, whatever the device.
-    assert_eq!(r.unwrap_err().errno(), Some(Errno::INVAL));
+    let ioas = fd.alloc_ioas().unwrap();
+    // PASID 0 is IOMMU_NO_PASID to the kernel, a whole-device attach in disguise: refused up front.
+    let e = dev.attach_pasid(0, &ioas).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    assert!(e.to_string().contains("attach()"), "{e}");
+    // A device without PASID support is refused by the crate, before the attach ioctl, whatever the
+    // page table and whatever the IOMMU driver would say.
+    let e = dev.attach_pasid(1, &ioas).unwrap_err();
+    assert!(matches!(e, Error::NotCapable { .. }), "{e}");
+    assert!(e.is_unsupported() && e.to_string().contains("max_pasid_log2 0"), "{e}");
+    let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::PASID);
     match iommu().as_str() {
         "intel" => {
-            // A HWPT allocated with IOMMU_HWPT_ALLOC_PASID (VT-d second stage, legacy mode): the attach
-            // succeeds although neither edu nor this VT-d (no PASID/scalable-mode bits in ECAP) can do
-            // PASID. Linux 7.3's iommu_attach_device_pasid skips PASID validation for devices whose
-            // max_pasids is 0, and __iommu_set_group_pasid calls the driver's set_dev_pasid only for
-            // devices with PASIDs: nothing is programmed, and edu cannot emit PASID-tagged requests, so
-            // the attachment is vacuous. The kernel does not refuse it; callers check
-            // `hw_info().max_pasid_log2` first.
+            // VT-d allocates a PASID-compatible HWPT. Linux 7.3 itself would accept attaching PASID 1 of
+            // edu to it (iommu_attach_device_pasid skips validation for a device whose max_pasids is 0,
+            // and nothing is programmed): a vacuous attachment the crate now refuses.
             let hwpt = hwpt.unwrap();
-            let att = r2.unwrap().unwrap();
-            assert_eq!((att.pasid(), att.pt_id()), (Some(1), hwpt.id()));
-            att.detach().unwrap();
-            // A PASID-compatible HWPT serves the whole device too.
+            let e = dev.attach_pasid(1, &hwpt).unwrap_err();
+            assert!(matches!(e, Error::NotCapable { .. }), "{e}");
+            // A PASID-compatible HWPT serves the whole device.
             dev.attach(&hwpt).unwrap().detach().unwrap();
         }
         "virtio" => {
             // virtio-iommu has no domain_alloc_paging_flags, so iommufd refuses any allocation flag,
             // IOMMU_HWPT_ALLOC_PASID included, with EOPNOTSUPP: no PASID-capable page table exists.
-            assert_eq!(hwpt.unwrap_err().errno(), Some(Errno::OPNOTSUPP));
+            let e = hwpt.unwrap_err();
+            assert_eq!(e.errno(), Some(Errno::OPNOTSUPP));
+            assert!(e.is_unsupported(), "{e}");
         }
         other => panic!("unknown IOMMU {other}"),
     }
-    // Nothing stayed attached: the whole device attaches to the IOAS normally.
+    // Nothing was recorded or attached: the whole device attaches to the IOAS normally.
     dev.attach(&ioas).unwrap().detach().unwrap();
+}
+
+/// Runs `f` in a `fork()`ed child (so that it may change its credentials and limits) and returns the
+/// child's exit code: what `f` returned, 101 if it panicked.
+fn in_child(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the VM suite runs tests one at a time (--test-threads=1); the child runs `f` and _exits,
+    // never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        // SAFETY: ends the child without running the parent's harness or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// Lowers this process's RLIMIT_MEMLOCK to `bytes`.
+fn limit_memlock(bytes: u64) {
+    let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+    // SAFETY: `lim` is a valid rlimit for the call.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) }, 0);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
+fn memlock_is_charged_at_attach_time_and_never_to_cap_ipc_lock() {
+    const LEN: usize = 1 << 20;
+    // Root (CAP_IPC_LOCK) is never charged: a 1 MiB mapping attaches under a 64 KiB limit.
+    let code = in_child(|| {
+        limit_memlock(64 << 10);
+        let fd = Iommufd::open().unwrap();
+        let dev = edu(&fd);
+        let ioas = fd.alloc_ioas().unwrap();
+        let _map = ioas.map(DmaBuffer::new(LEN).unwrap(), Iova::Auto, Access::READ_WRITE).unwrap();
+        let att = dev.attach(&ioas).unwrap();
+        att.detach().unwrap();
+        0
+    });
+    assert_eq!(code, 0, "root was limited by RLIMIT_MEMLOCK");
+    // Without CAP_IPC_LOCK, a mapping made before any domain pins nothing; the pinning, and so the
+    // ENOMEM, comes when a domain is filled: at HWPT allocation or at attach.
+    let code = in_child(|| {
+        let fd = Iommufd::open().unwrap();
+        let cdev = iommufd::VfioDevice::open_pci(&common::edu_address()).unwrap();
+        limit_memlock(64 << 10);
+        // Dropping root (all uids non-zero) clears the capabilities, CAP_IPC_LOCK included.
+        // SAFETY: plain system call on integers.
+        assert_eq!(unsafe { libc::setresuid(65534, 65534, 65534) }, 0);
+        let ioas = fd.alloc_ioas().unwrap();
+        let _map = ioas.map(DmaBuffer::new(LEN).unwrap(), Iova::Auto, Access::READ_WRITE).unwrap();
+        let dev = cdev.bind(&fd).unwrap();
+        let memlock_hint =
+            |e: &Error| e.errno() == Some(Errno::NOMEM) && e.to_string().contains("RLIMIT_MEMLOCK");
+        match Hwpt::alloc(&dev, &ioas, HwptFlags::empty()) {
+            Err(e) if memlock_hint(&e) => {}
+            other => {
+                eprintln!("HWPT alloc: {other:?}");
+                return 2;
+            }
+        }
+        match dev.attach(&ioas) {
+            Err(e) if memlock_hint(&e) => {
+                eprintln!("{e}");
+                0
+            }
+            other => {
+                eprintln!("attach: {other:?}");
+                3
+            }
+        }
+    });
+    assert_eq!(code, 0, "expected ENOMEM with the memlock hint at HWPT allocation and attach");
 }

@@ -245,6 +245,8 @@ fn pasids_attach_replace_and_detach() {
     assert_eq!(errno(mock.check_pasid_hwpt(1, Some(b.id()))), Some(Errno::INVAL));
     assert_eq!(errno(mock.check_pasid_hwpt(1, None)), Some(Errno::INVAL));
     assert!(matches!(mock.attach_pasid(1, &b), Err(Error::InvalidArgument { .. })));
+    // PASID 0 is the device's own attachment to the kernel: refused before the ioctl.
+    assert!(matches!(mock.attach_pasid(0, &b), Err(Error::InvalidArgument { .. })));
 
     assert_eq!(mock.replace_pasid(1, &b).unwrap(), b.id());
     mock.check_pasid_hwpt(1, Some(b.id())).unwrap();

@@ -16,13 +16,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use iommufd::testing::{self, MockAccess, MockDevice};
-use iommufd::{Access, DmaBuffer, Errno, Error, Ioas, Iommufd, Iova, Mapping, page_size};
+use iommufd::{Access, DmaBuffer, Errno, Error, Hwpt, HwptFlags, Ioas, Iommufd, Iova, Mapping, page_size};
 
 /// Rounds of the stress test, threads per round, operations per thread and round, and a time cap
 /// that ends the test early on a slow machine (each round still completes and is checked).
 const ROUNDS: usize = 12;
 const THREADS: usize = 4;
 const OPS: usize = 120;
+/// Attach, replace, replace back and detach cycles of a mock device per round, racing the threads.
+const ATTACHES: usize = 6;
 const TIME_CAP: Duration = Duration::from_secs(20);
 /// The window fixed-IOVA maps and range unmaps aim at (inside the mock aperture), in pages.
 const WINDOW_PAGES: u64 = 64;
@@ -70,6 +72,7 @@ struct Stats {
     unmap_range_ok: u64,
     copies: u64,
     leaks: u64,
+    attaches: u64,
     checked: u64,
     mismatches: Vec<String>,
 }
@@ -204,6 +207,8 @@ fn check_guards(ioas: &Ioas, access: &MockAccess, pool: &[Live]) -> Vec<String> 
 fn stress(with_domain: bool) -> Stats {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
+    // Automatic IOVAs stay inside the mock IOMMU's aperture, so mock devices can attach at any time.
+    ioas.allow_iovas(&[testing::APERTURE]).unwrap();
     let _mock = with_domain.then(|| MockDevice::new(&ioas).unwrap());
     let access = MockAccess::new(&ioas).unwrap();
     let base = testing::APERTURE.start;
@@ -219,6 +224,20 @@ fn stress(with_domain: bool) -> Stats {
                 let seed = seed.wrapping_add(t as u64 * 0x1234_5678_9abc);
                 s.spawn(move || worker(ioas, pool, base, seed, counts));
             }
+            // Domains come and go while the areas change: attach (every area is mapped into the new
+            // domain), replace by a HWPT and back, detach.
+            let (ioas, counts) = (&ioas, &counts);
+            s.spawn(move || {
+                for _ in 0..ATTACHES {
+                    let mock = MockDevice::new(ioas).expect("attach a mock device");
+                    let hwpt = Hwpt::alloc(&mock, ioas, HwptFlags::empty()).expect("HWPT on the IOAS");
+                    mock.replace(&hwpt).expect("replace by the HWPT");
+                    mock.replace(ioas).expect("replace back");
+                    drop(mock);
+                    hwpt.destroy().map_err(Error::from).expect("destroy the HWPT");
+                    counts.lock().unwrap().attaches += 1;
+                }
+            });
         });
         rounds += 1;
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -253,7 +272,7 @@ macro_rules! console {
 fn report(name: &str, stats: &Stats) {
     console!(
         "{name}: {} rounds x {THREADS} threads, {} ops ({} maps, {} unmaps, {} copies, {} leaks, {} unmap_all, \
-         {} unmap_range), {} guard checks, {} mismatches",
+         {} unmap_range), {} attach/replace/detach cycles, {} guard checks, {} mismatches",
         stats.rounds,
         stats.ops,
         stats.maps,
@@ -262,6 +281,7 @@ fn report(name: &str, stats: &Stats) {
         stats.leaks,
         stats.unmap_all_ok,
         stats.unmap_range_ok,
+        stats.attaches,
         stats.checked,
         stats.mismatches.len()
     );
@@ -282,9 +302,9 @@ fn racing_threads_never_leave_a_stale_guard_with_a_domain() {
 
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
-fn racing_threads_never_leave_a_stale_guard_without_a_domain() {
+fn racing_threads_never_leave_a_stale_guard_starting_without_a_domain() {
     let stats = stress(false);
-    report("stress (no domain)", &stats);
+    report("stress (no domain but the racing attaches)", &stats);
 }
 
 /// The shape of the race that once let a device write a returned buffer: `unmap_all` checked for

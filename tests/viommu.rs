@@ -3,6 +3,7 @@
 //! before its nest parent), proven by `ENOENT` from `IOMMU_DESTROY` once the handles are gone.
 #![cfg(feature = "testing")]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
@@ -264,6 +265,83 @@ fn vevents_are_delivered_and_losses_accounted() {
     }
 }
 
+/// Runs `f` on another thread and waits at most 20 s for it: a read that spins or hangs fails the
+/// test instead of stalling the suite.
+#[track_caller]
+fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20)).expect("the read returns instead of spinning or hanging")
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn a_veventq_type_that_does_not_match_its_events_is_an_error_not_a_spin() {
+    let (_iommufd, ioas, dev, parent) = setup();
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
+    let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
+    dev.replace(&nested).unwrap();
+
+    // A payload size smaller than the mock's 4 bytes: events do not fit a record.
+    let too_small = VeventqType::Raw { kind: tsys::IOMMU_VEVENTQ_TYPE_SELFTEST, data_len: 0 };
+    let mut q = Veventq::alloc(&viommu, too_small, 8).unwrap();
+    dev.trigger_vevent().unwrap();
+    dev.trigger_vevent().unwrap();
+    assert!(q.wait(Some(Duration::from_secs(5))).unwrap());
+    // What the kernel answers a buffer smaller than the first event: EINVAL (kernels before a 2026
+    // fix: 0), handing out nothing, with the fd still readable.
+    let mut small = [0u8; 11];
+    let raw = rustix::io::read(&q, &mut small);
+    eprintln!("read(2) of 11 bytes with a 12-byte event pending: {raw:?}");
+    assert!(matches!(raw, Err(Errno::INVAL) | Ok(0)), "{raw:?}");
+    assert!(q.wait(Some(Duration::ZERO)).unwrap(), "the event is still pending");
+    // The SDK's reads: a clear error each time, never an endless empty read, and never two 12-byte
+    // events misparsed as three 8-byte ones: nothing is handed out.
+    let r = q.read();
+    assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+    assert!(q.wait(Some(Duration::ZERO)).unwrap(), "the events are still pending");
+    let (q, r) = within_20s(move || {
+        let r = q.read_timeout(None);
+        (q, r)
+    });
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("does not match its events"), "{e}");
+    #[cfg(feature = "tokio")]
+    let q = within_20s(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        rt.block_on(async {
+            let mut q = iommufd::AsyncVeventq::new(q).unwrap();
+            assert!(matches!(q.read().await, Err(Error::Protocol { .. })));
+            q.into_inner()
+        })
+    });
+    q.close().unwrap();
+
+    // A payload size larger than the mock's: the event read is shorter than a record.
+    let too_large = VeventqType::Raw { kind: tsys::IOMMU_VEVENTQ_TYPE_SELFTEST, data_len: 8 };
+    let mut q = Veventq::alloc(&viommu, too_large, 8).unwrap();
+    dev.trigger_vevent().unwrap();
+    assert!(matches!(q.read_timeout(Some(Duration::from_secs(5))), Err(Error::Protocol { .. })));
+    q.close().unwrap();
+
+    // The right size reads the same kind of event; a wait without limit does not overflow the clock.
+    let mut q = Veventq::alloc(&viommu, MOCK_VEVENTQ, 8).unwrap();
+    dev.trigger_vevent().unwrap();
+    dev.trigger_vevent().unwrap();
+    assert!(q.wait(Some(Duration::MAX)).unwrap());
+    let got = q.read_timeout(Some(Duration::MAX)).unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(matches!(got[1], VeventRecord::Event(Vevent { sequence: 1, .. })));
+    // A payload size no kernel can produce is refused before the ioctl.
+    let huge = VeventqType::Raw { kind: tsys::IOMMU_VEVENTQ_TYPE_SELFTEST, data_len: usize::MAX };
+    assert_invalid(Veventq::alloc(&viommu, huge, 8));
+    q.close().unwrap();
+    dev.replace(&ioas).unwrap();
+}
+
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_invalidation_reaches_the_device_cache() {
@@ -304,24 +382,42 @@ fn hw_queues_pin_their_memory_and_chain() {
     let (iommufd, ioas, dev, parent) = setup();
     let page = page_size() as u64;
     let iova = testing::APERTURE.start;
-    let mapping =
-        ioas.map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap();
+    let mapping = Arc::new(
+        ioas.map(DmaBuffer::new(2 * page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap(),
+    );
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
 
-    // Refused before the ioctl.
-    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova, 0));
-    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, u64::MAX, 2));
-    // The kernel's answers: reserved and unknown types, unmapped memory, an index out of order.
-    assert_eq!(errno(HwQueue::alloc(&viommu, HwQueueType::Default, 0, iova, page)), Errno::OPNOTSUPP);
-    assert_eq!(errno(HwQueue::alloc(&viommu, HwQueueType::Raw(0x1234), 0, iova, page)), Errno::OPNOTSUPP);
-    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova + 16 * page, page)), Errno::NOENT);
-    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 1, iova, page)), Errno::IO);
+    // Refused before the ioctl: empty, overflowing, or outside the mapping given as the memory.
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, 0));
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, u64::MAX, 2));
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova + 16 * page, page));
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova + page, 2 * page));
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova - page, page));
+    // A mapping of another IOAS.
+    let other_ioas = iommufd.alloc_ioas().unwrap();
+    let elsewhere = Arc::new(
+        other_ioas
+            .map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE)
+            .unwrap(),
+    );
+    assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &elsewhere, iova, page));
+    // The kernel's answers: reserved and unknown types, an index out of order.
+    assert_eq!(
+        errno(HwQueue::alloc(&viommu, HwQueueType::Default, 0, &mapping, iova, page)),
+        Errno::OPNOTSUPP
+    );
+    assert_eq!(
+        errno(HwQueue::alloc(&viommu, HwQueueType::Raw(0x1234), 0, &mapping, iova, page)),
+        Errno::OPNOTSUPP
+    );
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 1, &mapping, iova, page)), Errno::IO);
+    assert_eq!(Arc::strong_count(&mapping), 1, "failed allocations hold nothing");
 
-    let q0 = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova, page).expect("IOMMU_HW_QUEUE_ALLOC");
+    let q0 = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, page).expect("IOMMU_HW_QUEUE_ALLOC");
     assert_eq!((q0.index(), q0.range(), q0.viommu_id()), (0, (iova, page), viommu.id()));
-    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, iova, page)), Errno::EXIST);
-    let q1 = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 1, iova, page).unwrap();
-    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 2, iova, page)), Errno::INVAL);
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, page)), Errno::EXIST);
+    let q1 = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 1, &mapping, iova + page, page).unwrap();
+    assert_eq!(errno(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 2, &mapping, iova, page)), Errno::INVAL);
 
     // Queue 1 depends on queue 0 in the kernel, and its handle holds queue 0's.
     let (q0_id, q1_id, viommu_id) = (q0.id(), q1.id(), viommu.id());
@@ -332,17 +428,49 @@ fn hw_queues_pin_their_memory_and_chain() {
     assert_in_use(viommu.clone().destroy());
     assert!(busy(&iommufd, viommu_id));
 
-    // The queue memory is pinned: the kernel refuses to unmap it while a queue exists. (The failed
-    // unmap leaks the guard's buffer rather than freeing memory a queue may read.)
-    assert_eq!(errno(mapping.unmap().map_err(iommufd::Error::from)), Errno::BUSY);
+    // The queue memory is pinned, and the queues hold its mapping: the guard cannot be taken back to
+    // unmap it, and the IOAS-wide unmaps leave it alone.
+    let mapping = Arc::try_unwrap(mapping).expect_err("the queues hold the mapping");
+    assert_invalid(ioas.unmap_range(iova, page));
+    assert_invalid(ioas.unmap_all());
 
-    // Dropping queue 1 destroys it, then queue 0.
+    // Dropping queue 1 destroys it, then queue 0, then releases the mapping.
     logs::start();
     drop(q1);
     assert!(gone(&iommufd, q1_id) && gone(&iommufd, q0_id));
     assert_eq!(logs::take(), Vec::<String>::new(), "both destroys succeeded");
+    let buffer = Arc::into_inner(mapping).expect("the guard is given back").unmap().expect("unmap");
+    assert!(buffer.is_some(), "the buffer comes back");
     viommu.destroy().unwrap();
     assert!(gone(&iommufd, viommu_id));
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
+fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
+    logs::start();
+    let (iommufd, ioas, dev, parent) = setup();
+    let page = page_size() as u64;
+    let iova = testing::APERTURE.start;
+    let mapping = Arc::new(
+        ioas.map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap(),
+    );
+    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let q = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, page).unwrap();
+    let q_id = q.id();
+    // The caller lets go of the mapping first: it used to be unmapped here, which the kernel refused
+    // (EBUSY) while the queue pinned it, leaking the buffer and the range for good.
+    drop(mapping);
+    assert_invalid(ioas.unmap_range(iova, page));
+    drop(q);
+    assert!(gone(&iommufd, q_id));
+    // The queue's release unmapped the range: no guard is left, the IOAS has nothing mapped, and the
+    // same IOVA maps again.
+    assert_eq!(ioas.unmap_all().unwrap(), 0);
+    let again = ioas.map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE);
+    assert!(again.is_ok(), "{again:?}");
+    drop((again, viommu));
+    assert_eq!(logs::take(), Vec::<String>::new(), "every destroy and unmap succeeded");
 }
 
 #[cfg(feature = "tokio")]

@@ -402,6 +402,7 @@ impl BoundDevice {
     /// The region must be writable and `offset..offset + data.len()` inside it.
     pub fn write_region(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         const OP: &str = "BoundDevice::write_region";
+        self.check_process(OP)?;
         let (_, info) = region_info_fixed(self.as_fd(), index)?;
         let start = region_file_offset(OP, &info, RegionFlags::WRITE, offset, data.len())?;
         let mut done = 0;
@@ -563,6 +564,7 @@ impl BoundDevice {
     /// tear the index down.
     pub fn set_irq_eventfds(&self, index: u32, start: u32, fds: &[impl AsFd]) -> Result<()> {
         const OP: &str = "BoundDevice::set_irq_eventfds";
+        self.check_process(OP)?;
         if fds.is_empty() {
             return Err(Error::invalid(OP, "no eventfds given (use disable_irqs to disable the index)"));
         }
@@ -626,17 +628,30 @@ impl BoundDevice {
     }
 
     fn set_irqs_none(&self, op: &'static str, flags: u32, index: u32, start: u32, count: u32) -> Result<()> {
+        self.check_process(op)?;
         let mut buf = irq_set_buffer(op, flags, index, start, count, &[])?;
         // SAFETY: `buf` is a bare `vfio_irq_set` header with `argsz` equal to its byte length and
         // DATA_NONE, so the kernel reads no payload; it holds no pointers.
         unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
     }
 
-    /// Resets the device (`VFIO_DEVICE_RESET`; the device must report [`DeviceFlags::RESET`]).
+    /// Resets the device (`VFIO_DEVICE_RESET`; the device must report [`DeviceFlags::RESET`], else
+    /// `EINVAL`).
     ///
-    /// Interrupt configuration and bus mastering are lost: re-enable them afterwards.
+    /// The kernel saves the device's PCI config space before the reset and restores it afterwards
+    /// (`pci_try_reset_function`), so bus mastering, the BARs and the MSI/MSI-X setup survive, and
+    /// VFIO keeps the interrupt eventfds set with [`set_irq_eventfds`](Self::set_irq_eventfds). What is
+    /// lost is the device's internal state (its registers and any DMA in flight). `EAGAIN` if the
+    /// device is locked by another reset at the moment.
     pub fn reset(&self) -> Result<()> {
+        self.check_process(ioctl::DEVICE_RESET.name)?;
         ioctl::call_none(self.as_fd(), &ioctl::DEVICE_RESET).map(drop)
+    }
+
+    /// Refuses `op`, which changes the device's state, in a `fork()`ed child
+    /// ([`Error::ForeignProcess`]): the device is the parent's.
+    pub(crate) fn check_process(&self, op: &'static str) -> Result<()> {
+        self.inner.iommufd.check_process(op)
     }
 }
 
@@ -785,6 +800,9 @@ struct RegionCaps {
 
 /// Decodes a region-info capability chain. `buf` is the whole ioctl argument and `first` the
 /// `cap_offset` the kernel reported; every `next` offset counts from the start of `buf` too.
+///
+/// Bounds-checked: any content of `buf` and any offsets give a value or an [`Error::Protocol`], never
+/// a panic or a read past `buf`; offsets must increase, so the walk ends.
 fn parse_region_caps(buf: &[u8], first: usize) -> Result<RegionCaps> {
     let bad = |detail: String| Error::Protocol { op: ioctl::DEVICE_GET_REGION_INFO.name, detail };
     let mut caps = RegionCaps::default();
@@ -796,16 +814,19 @@ fn parse_region_caps(buf: &[u8], first: usize) -> Result<RegionCaps> {
         if off <= prev {
             return Err(bad(format!("capability at {off:#x} does not follow the previous one ({prev:#x})")));
         }
-        let id = get_u16(buf, off + offset_of!(sys::vfio_info_cap_header, id));
-        let next = get_u32(buf, off + offset_of!(sys::vfio_info_cap_header, next));
+        let id = get_u16(buf, off.saturating_add(offset_of!(sys::vfio_info_cap_header, id)));
+        let next = get_u32(buf, off.saturating_add(offset_of!(sys::vfio_info_cap_header, next)));
         let (Some(id), Some(next)) = (id, next) else {
             return Err(bad(format!("capability header at {off:#x} overruns {} bytes", buf.len())));
         };
         match u32::from(id) {
             sys::VFIO_REGION_INFO_CAP_SPARSE_MMAP => {
-                let nr = get_u32(buf, off + offset_of!(sys::vfio_region_info_cap_sparse_mmap, nr_areas))
-                    .ok_or_else(|| bad(format!("sparse-mmap capability at {off:#x} is truncated")))?;
-                let areas_at = off + offset_of!(sys::vfio_region_info_cap_sparse_mmap, areas);
+                let nr = get_u32(
+                    buf,
+                    off.saturating_add(offset_of!(sys::vfio_region_info_cap_sparse_mmap, nr_areas)),
+                )
+                .ok_or_else(|| bad(format!("sparse-mmap capability at {off:#x} is truncated")))?;
+                let areas_at = off.saturating_add(offset_of!(sys::vfio_region_info_cap_sparse_mmap, areas));
                 let area = size_of::<sys::vfio_region_sparse_mmap_area>();
                 let fits = (nr as usize)
                     .checked_mul(area)
@@ -826,8 +847,10 @@ fn parse_region_caps(buf: &[u8], first: usize) -> Result<RegionCaps> {
                 caps.sparse_mmap = Some(areas);
             }
             sys::VFIO_REGION_INFO_CAP_TYPE => {
-                let kind = get_u32(buf, off + offset_of!(sys::vfio_region_info_cap_type, type_));
-                let subtype = get_u32(buf, off + offset_of!(sys::vfio_region_info_cap_type, subtype));
+                let kind =
+                    get_u32(buf, off.saturating_add(offset_of!(sys::vfio_region_info_cap_type, type_)));
+                let subtype =
+                    get_u32(buf, off.saturating_add(offset_of!(sys::vfio_region_info_cap_type, subtype)));
                 let (Some(kind), Some(subtype)) = (kind, subtype) else {
                     return Err(bad(format!("type capability at {off:#x} is truncated")));
                 };
@@ -864,9 +887,14 @@ fn put_u32(buf: &mut [u8], at: usize, v: u32) {
 
 /// A region of a device mapped into this process ([`BoundDevice::map_region`]).
 ///
-/// The memory is device MMIO: it is only ever accessed through volatile loads and stores of the
-/// requested width, after bounds and alignment checks, and never lent out as a Rust reference. The
-/// mapping keeps the device open; it is unmapped on drop.
+/// The memory is device memory mapped from the VFIO device, outside any Rust allocation: it is only
+/// ever accessed through single volatile loads and stores of the requested width, after bounds and
+/// alignment checks, and never lent out as a Rust reference. Volatile, not atomic, because a device
+/// register must see exactly the access width asked for and a region may be mapped read-only. The
+/// mapping is `Sync`: accesses from several threads at once reach the device as separate accesses,
+/// in an order the threads do not control (what two racing register writes do is the device's
+/// business; serialise them if the device needs it). The mapping keeps the device open; it is
+/// unmapped on drop.
 ///
 /// Touching the mapping while the device cannot answer (for example with memory decoding disabled in
 /// its command register, or during a reset) makes the kernel raise `SIGBUS`, which kills the process
@@ -922,6 +950,9 @@ impl RegionMapping {
 
     /// Validates an access of `width` bytes at `offset` and returns its address.
     fn at(&self, op: &'static str, need: RegionFlags, offset: usize, width: usize) -> Result<*mut u8> {
+        // A fork()ed child inherits the shared mapping: its stores would drive the parent's device,
+        // and so can its loads (registers that clear on read).
+        self._dev.iommufd.check_process(op)?;
         if !self.access.contains(need) {
             let what = if need.contains(RegionFlags::WRITE) { "writable" } else { "readable" };
             return Err(Error::invalid(op, format!("region {} is not mapped {what}", self.index)));
@@ -1006,9 +1037,12 @@ impl RegionMapping {
     pub fn read_bytes(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         let p = self.at("RegionMapping::read_bytes", RegionFlags::READ, offset, 0)?;
         check_range("RegionMapping::read_bytes", self.index, self.len as u64, offset as u64, buf.len())?;
-        // SAFETY: `p..p+buf.len()` is inside the readable mapping this value owns (checked above),
-        // which stays mapped while `self` is borrowed.
-        unsafe { crate::dma::copy_from_device(p, buf) };
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `p + i` is inside the readable mapping this value owns (checked above), which
+            // stays mapped while `self` is borrowed; volatile because it is device memory (which may
+            // be mapped read-only, so not through an atomic type).
+            *b = unsafe { p.add(i).read_volatile() };
+        }
         Ok(())
     }
 
@@ -1016,9 +1050,11 @@ impl RegionMapping {
     pub fn write_bytes(&self, offset: usize, data: &[u8]) -> Result<()> {
         let p = self.at("RegionMapping::write_bytes", RegionFlags::WRITE, offset, 0)?;
         check_range("RegionMapping::write_bytes", self.index, self.len as u64, offset as u64, data.len())?;
-        // SAFETY: `p..p+data.len()` is inside the writable mapping this value owns (checked above),
-        // which stays mapped while `self` is borrowed.
-        unsafe { crate::dma::copy_to_device(data, p) };
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `p + i` is inside the writable mapping this value owns (checked above), which
+            // stays mapped while `self` is borrowed; volatile because it is device memory.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
         Ok(())
     }
 }
@@ -1072,6 +1108,7 @@ impl BoundDevice {
         eventfd: impl AsFd,
     ) -> Result<Ioeventfd> {
         const OP: &str = "VFIO_DEVICE_IOEVENTFD";
+        self.check_process(OP)?;
         let size_flag = match width {
             1 => sys::VFIO_DEVICE_IOEVENTFD_8,
             2 => sys::VFIO_DEVICE_IOEVENTFD_16,
@@ -1105,15 +1142,21 @@ impl Ioeventfd {
         ioeventfd_ioctl(self.dev.fd.as_fd(), &mut arg)
     }
 
-    /// De-assigns the ioeventfd now, reporting failure.
+    /// De-assigns the ioeventfd now, reporting failure. In a `fork()`ed child this is refused with
+    /// [`Error::ForeignProcess`] and the ioeventfd stays (it is the parent's).
     pub fn remove(mut self) -> Result<()> {
+        if let Err(e) = self.dev.iommufd.check_process(ioctl::DEVICE_IOEVENTFD.name) {
+            self.live = false;
+            return Err(e);
+        }
         self.deassign()
     }
 }
 
 impl Drop for Ioeventfd {
     fn drop(&mut self) {
-        if self.live {
+        // In a fork()ed child the ioeventfd is the parent's: leave it.
+        if self.live && self.dev.iommufd.in_owner_process() {
             if let Err(e) = self.deassign() {
                 log::error!("iommufd: de-assigning {self:?} on drop failed: {e}");
             }
@@ -1342,5 +1385,199 @@ mod tests {
         let mut many = buf.clone();
         many[40..44].copy_from_slice(&u32::MAX.to_ne_bytes());
         assert!(parse_region_caps(&many, 32).is_err());
+    }
+}
+
+/// Property tests of the decoders of kernel-written data (region capability chains) and of the
+/// validation in front of region and interrupt ioctls: any input gives a value or an error, never a
+/// panic, and the decoders only ever read through bounds-checked accessors.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One capability of a generated chain.
+    #[derive(Debug, Clone)]
+    enum Cap {
+        Sparse(Vec<(u64, u64)>),
+        Type(u32, u32),
+        Msix,
+        Unknown(u16, Vec<u8>),
+    }
+
+    fn cap() -> impl Strategy<Value = Cap> {
+        prop_oneof![
+            proptest::collection::vec(any::<(u64, u64)>(), 0..5).prop_map(Cap::Sparse),
+            any::<(u32, u32)>().prop_map(|(k, s)| Cap::Type(k, s)),
+            Just(Cap::Msix),
+            (4u16.., proptest::collection::vec(any::<u8>(), 0..24)).prop_map(|(id, b)| Cap::Unknown(id, b)),
+        ]
+    }
+
+    /// Lays `caps` out after a 32-byte `vfio_region_info` as the kernel does (each `next` the offset
+    /// of the following capability from the buffer's start, 0 for the last), with `gaps` bytes of
+    /// padding before each. Returns the buffer and the first offset (0 for an empty chain).
+    fn encode(caps: &[Cap], gaps: &[usize]) -> (Vec<u8>, usize) {
+        let mut buf = vec![0u8; size_of::<sys::vfio_region_info>()];
+        let mut heads = Vec::new();
+        for (i, cap) in caps.iter().enumerate() {
+            buf.resize(buf.len() + gaps.get(i).copied().unwrap_or(0), 0xee);
+            heads.push(buf.len());
+            let (id, body): (u32, Vec<u8>) = match cap {
+                Cap::Sparse(areas) => {
+                    let mut b = Vec::new();
+                    b.extend_from_slice(&(areas.len() as u32).to_ne_bytes());
+                    b.extend_from_slice(&0u32.to_ne_bytes());
+                    for (o, s) in areas {
+                        b.extend_from_slice(&o.to_ne_bytes());
+                        b.extend_from_slice(&s.to_ne_bytes());
+                    }
+                    (sys::VFIO_REGION_INFO_CAP_SPARSE_MMAP, b)
+                }
+                Cap::Type(k, s) => {
+                    (sys::VFIO_REGION_INFO_CAP_TYPE, [k.to_ne_bytes(), s.to_ne_bytes()].concat())
+                }
+                Cap::Msix => (sys::VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, Vec::new()),
+                Cap::Unknown(id, b) => (u32::from(*id), b.clone()),
+            };
+            buf.extend_from_slice(&(id as u16).to_ne_bytes());
+            buf.extend_from_slice(&1u16.to_ne_bytes());
+            buf.extend_from_slice(&0u32.to_ne_bytes()); // next, patched below
+            buf.extend_from_slice(&body);
+        }
+        for pair in heads.windows(2) {
+            put_u32(&mut buf, pair[0] + 4, pair[1] as u32);
+        }
+        (buf, heads.first().copied().unwrap_or(0))
+    }
+
+    fn expected(caps: &[Cap]) -> RegionCaps {
+        let mut want = RegionCaps::default();
+        for cap in caps {
+            match cap {
+                Cap::Sparse(areas) => {
+                    want.sparse_mmap =
+                        Some(areas.iter().map(|&(offset, size)| SparseMmapArea { offset, size }).collect())
+                }
+                Cap::Type(kind, subtype) => {
+                    want.region_type = Some(RegionType { kind: *kind, subtype: *subtype })
+                }
+                Cap::Msix => want.msix_mappable = true,
+                Cap::Unknown(..) => {}
+            }
+        }
+        want
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::device::prop_cases()))]
+
+        #[test]
+        fn well_formed_chains_decode_to_what_was_encoded(
+            caps in proptest::collection::vec(cap(), 0..6),
+            gaps in proptest::collection::vec(0usize..16, 6),
+        ) {
+            let (buf, first) = encode(&caps, &gaps);
+            prop_assert_eq!(parse_region_caps(&buf, first).unwrap(), expected(&caps));
+        }
+
+        #[test]
+        fn corrupted_chains_never_panic(
+            caps in proptest::collection::vec(cap(), 1..6),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+            first_delta in -8isize..8,
+        ) {
+            let (mut buf, first) = encode(&caps, &[]);
+            for (at, v) in flips {
+                let n = buf.len();
+                buf[at % n] ^= v;
+            }
+            buf.truncate(cut % (buf.len() + 1));
+            let first = first.saturating_add_signed(first_delta);
+            let _ = parse_region_caps(&buf, first);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            buf in proptest::collection::vec(any::<u8>(), 0..256),
+            first in any::<usize>(),
+        ) {
+            if let Ok(caps) = parse_region_caps(&buf, first) {
+                // Whatever was decoded came from inside the buffer.
+                let areas = caps.sparse_mmap.map_or(0, |a| a.len());
+                prop_assert!(areas * size_of::<sys::vfio_region_sparse_mmap_area>() <= buf.len());
+            }
+        }
+
+        #[test]
+        fn irq_set_buffers_are_well_formed_or_refused(
+            data in prop_oneof![
+                Just(sys::VFIO_IRQ_SET_DATA_NONE),
+                Just(sys::VFIO_IRQ_SET_DATA_BOOL),
+                Just(sys::VFIO_IRQ_SET_DATA_EVENTFD),
+                any::<u32>(),
+            ],
+            index in any::<u32>(),
+            start in prop_oneof![0u32..16, any::<u32>()],
+            count in prop_oneof![0u32..8, any::<u32>()],
+            fds in proptest::collection::vec(any::<i32>(), 0..8),
+        ) {
+            let flags = data | sys::VFIO_IRQ_SET_ACTION_TRIGGER;
+            match irq_set_buffer("t", flags, index, start, count, &fds) {
+                Ok(buf) => {
+                    const WORD: usize = size_of::<u32>();
+                    prop_assert!(start.checked_add(count).is_some());
+                    prop_assert_eq!(buf.len(), size_of::<sys::vfio_irq_set>() / WORD + fds.len());
+                    prop_assert_eq!(buf[0] as usize, buf.len() * WORD);
+                    prop_assert_eq!(buf[offset_of!(sys::vfio_irq_set, count) / WORD], count);
+                    let data_at = offset_of!(sys::vfio_irq_set, data) / WORD;
+                    prop_assert!(buf[data_at..].iter().zip(&fds).all(|(w, fd)| *w == *fd as u32));
+                }
+                Err(e) => prop_assert!(matches!(e, Error::InvalidArgument { .. }), "{}", e),
+            }
+        }
+
+        #[test]
+        fn region_and_irq_indices_round_trip(value in any::<u32>()) {
+            if let Ok(region) = PciRegion::try_from(value) {
+                prop_assert_eq!(region.index(), value);
+            }
+            if let Ok(irq) = PciIrq::try_from(value) {
+                prop_assert_eq!(irq.index(), value);
+            }
+        }
+
+        #[test]
+        fn mmap_and_file_offset_checks_never_panic(
+            flags in any::<u32>(),
+            size in any::<u64>(),
+            region_offset in any::<u64>(),
+            areas in proptest::option::of(proptest::collection::vec(any::<(u64, u64)>(), 0..4)),
+            offset in any::<u64>(),
+            len in any::<usize>(),
+        ) {
+            let mut info = RegionInfo {
+                index: 0,
+                flags: RegionFlags::from_bits_retain(flags),
+                size,
+                offset: region_offset,
+                sparse_mmap: None,
+                region_type: None,
+                msix_mappable: false,
+            };
+            info.sparse_mmap =
+                areas.map(|a| a.into_iter().map(|(offset, size)| SparseMmapArea { offset, size }).collect());
+            if let Ok(file_offset) = check_mmap("t", &info, offset, len, 4096) {
+                prop_assert_eq!(Some(file_offset), region_offset.checked_add(offset));
+                prop_assert!(offset.checked_add(len as u64).is_some_and(|end| end <= size));
+            }
+            for need in [RegionFlags::READ, RegionFlags::WRITE] {
+                if let Ok(file_offset) = region_file_offset("t", &info, need, offset, len) {
+                    prop_assert_eq!(Some(file_offset), region_offset.checked_add(offset));
+                }
+            }
+        }
     }
 }

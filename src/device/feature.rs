@@ -235,6 +235,7 @@ impl BoundDevice {
     /// Only vfio-cdx implements this feature: vfio-pci answers `ENOTTY` (PCI devices control bus
     /// mastering through config space; use [`set_bus_master`](Self::set_bus_master) for them).
     pub fn set_bus_master_feature(&self, enable: bool) -> Result<()> {
+        self.check_process(DeviceFeature::BUS_MASTER.name())?;
         let op =
             if enable { sys::VFIO_DEVICE_FEATURE_SET_MASTER } else { sys::VFIO_DEVICE_FEATURE_CLEAR_MASTER };
         let data = sys::vfio_device_feature_bus_master { op };
@@ -253,6 +254,7 @@ impl BoundDevice {
     /// (`EBUSY`, or a driver error, for a second start).
     pub fn dma_logging_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<DmaLog> {
         let feature = DeviceFeature::DMA_LOGGING_START;
+        self.check_process(feature.name())?;
         let op = feature.name();
         let raw = logging_ranges(op, page_size, ranges)?;
         let num_ranges =
@@ -320,11 +322,18 @@ impl BoundDevice {
             // by room for `capacity` `vfio_pci_dependent_device`s; it holds no pointers. The kernel
             // writes the header and at most as many entries as fit in `argsz`.
             let r = unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_GET_PCI_HOT_RESET_INFO, &mut buf) };
+            let count = buf.get(2).map_or(0, |&c| c as usize);
             match r {
                 Ok(_) => return parse_hot_reset_info(&buf),
                 // Too small: the kernel wrote the count it needs into the header.
-                Err(e) if e.errno() == Some(Errno::NOSPC) && buf[2] as usize > capacity => {
-                    capacity = buf[2] as usize
+                Err(e) if e.errno() == Some(Errno::NOSPC) && count > capacity => {
+                    if count > MAX_HOT_RESET_DEVICES {
+                        return Err(Error::Protocol {
+                            op: ioctl::DEVICE_GET_PCI_HOT_RESET_INFO.name,
+                            detail: format!("the kernel claims {count} affected devices"),
+                        });
+                    }
+                    capacity = count
                 }
                 Err(e) => return Err(e),
             }
@@ -341,9 +350,11 @@ impl BoundDevice {
     /// [`hot_reset_info`](Self::hot_reset_info). Otherwise `EINVAL`; `ENODEV` if the device cannot be
     /// hot reset at all.
     ///
-    /// Like [`reset`](Self::reset), this loses interrupt configuration and bus mastering, on every
-    /// affected device.
+    /// Like [`reset`](Self::reset), the kernel saves every affected device's PCI config space first and
+    /// restores it afterwards (`pci_reset_bus`), so bus mastering, BARs, MSI/MSI-X setup and VFIO's
+    /// interrupt eventfds survive; the devices' internal state is lost.
     pub fn hot_reset(&self) -> Result<()> {
+        self.check_process(ioctl::DEVICE_PCI_HOT_RESET.name)?;
         let mut arg = sys::vfio_pci_hot_reset::new();
         // SAFETY: VFIO_DEVICE_PCI_HOT_RESET takes `vfio_pci_hot_reset`, whose `argsz` `new()` sets to
         // its 12-byte header; with `count` 0 the kernel reads no group fds past it and writes nothing.
@@ -408,6 +419,13 @@ impl std::fmt::Debug for DmaLog {
 
 /// Pages a device wrote, from [`DmaLog::report`]: one bit per [`page_size`](Self::page_size) page
 /// from [`iova`](Self::iova).
+///
+/// Only [`DmaLog::report`] makes one, so its page size is a valid one (a power of two, at least
+/// 4096) and its range does not wrap:
+///
+/// ```compile_fail,E0451
+/// let report = iommufd::DmaLogReport { iova: 0, length: 4096, page_size: 0, bitmap: vec![0] };
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct DmaLogReport {
     iova: u64,
@@ -457,14 +475,15 @@ impl DmaLogReport {
 
     /// True if the page holding `iova` was written (false outside the covered range).
     pub fn is_dirty(&self, iova: u64) -> bool {
-        if iova < self.iova || iova - self.iova >= self.length {
+        if iova < self.iova || iova - self.iova >= self.length || self.page_size == 0 {
             return false;
         }
         let n = (iova - self.iova) / self.page_size;
         self.bitmap().get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
     }
 
-    /// First IOVAs of the written pages, ascending.
+    /// First IOVAs of the written pages, ascending (none if `page_size` is 0; pages whose IOVA would
+    /// pass `u64::MAX` are not reported).
     pub fn dirty_pages(&self) -> impl Iterator<Item = u64> + '_ {
         let pages = self.pages();
         self.bitmap()
@@ -534,6 +553,8 @@ impl DmaLog {
             return Err(Error::invalid(op, "DMA logging was stopped"));
         };
         let mut bitmap = KernelBitmap::new(op, words)?;
+        // Reading the log clears it: the parent's log.
+        dev.iommufd.check_process(op)?;
         let data = sys::vfio_device_feature_dma_logging_report {
             iova,
             length,
@@ -552,6 +573,8 @@ impl DmaLog {
 
     fn do_stop(&mut self) -> Result<()> {
         let Some(dev) = self.dev.take() else { return Ok(()) };
+        // In a fork()ed child the log is the parent's: leave it running.
+        dev.iommufd.check_process(DeviceFeature::DMA_LOGGING_STOP.name())?;
         // SAFETY: DMA_LOGGING_STOP with SET takes no payload.
         let r = unsafe {
             feature_call(dev.fd.as_fd(), DeviceFeature::DMA_LOGGING_STOP, sys::VFIO_DEVICE_FEATURE_SET, ())
@@ -567,6 +590,9 @@ impl DmaLog {
 
 impl Drop for DmaLog {
     fn drop(&mut self) {
+        if self.dev.as_ref().is_some_and(|d| !d.iommufd.in_owner_process()) {
+            return;
+        }
         if let Err(e) = self.do_stop() {
             log::error!("iommufd: stopping DMA logging on drop failed: {e}");
         }
@@ -600,11 +626,11 @@ fn dma_buf_arg(op: &'static str, index: u32, ranges: &[RegionRange]) -> Result<(
         total = total.checked_add(r.len).ok_or_else(|| Error::invalid(op, "total length overflows"))?;
     }
     let nr = u32::try_from(ranges.len()).map_err(|_| Error::invalid(op, "too many ranges"))?;
-    let mut bytes = Vec::with_capacity(24 + 16 * ranges.len());
     let argsz = size_of::<sys::vfio_device_feature>()
         + size_of::<sys::vfio_device_feature_dma_buf>()
         + ranges.len() * size_of::<sys::vfio_region_dma_range>();
     let argsz = u32::try_from(argsz).map_err(|_| Error::invalid(op, "too many ranges"))?;
+    let mut bytes = Vec::with_capacity(argsz as usize);
     let open_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
     let flags = sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF;
     for v in [argsz, flags, index, open_flags, 0, nr] {
@@ -699,11 +725,26 @@ pub enum HotResetOwner {
     Group(u32),
 }
 
+/// The most devices a hot reset is believed to affect (a PCI bus has at most 256 functions; a slot
+/// or bus reset below a bridge can reach deeper buses). A larger count from the kernel is refused
+/// rather than allocated for.
+const MAX_HOT_RESET_DEVICES: usize = 1 << 16;
+
+/// Decodes a `vfio_pci_hot_reset_info` answer held in `buf` (header words `argsz`, `flags`, `count`,
+/// then `count` two-word `vfio_pci_dependent_device` entries). Bounds-checked: any content gives a
+/// value or an [`Error::Protocol`], never a panic or a read past `buf`.
 fn parse_hot_reset_info(buf: &[u32]) -> Result<HotResetInfo> {
     const OP: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
-    let (flags, count) = (buf[1], buf[2] as usize);
     let header = size_of::<sys::vfio_pci_hot_reset_info>() / 4;
-    let entries = buf.get(header..header + 2 * count).ok_or_else(|| Error::Protocol {
+    let (Some(&flags), Some(&count)) = (buf.get(1), buf.get(2)) else {
+        return Err(Error::Protocol {
+            op: OP,
+            detail: format!("{}-byte answer has no header", buf.len() * 4),
+        });
+    };
+    let count = count as usize;
+    let end = count.checked_mul(2).and_then(|n| n.checked_add(header));
+    let entries = end.and_then(|end| buf.get(header..end)).ok_or_else(|| Error::Protocol {
         op: OP,
         detail: format!("{count} devices do not fit the {}-byte buffer", buf.len() * 4),
     })?;
@@ -824,12 +865,16 @@ mod tests {
         assert!(e.to_string().contains("inverted"), "{e}");
     }
 
-    /// A report as `DmaLog::report` builds it, with `bits` set as the kernel would.
+    /// A report as `DmaLog::report` builds it, with `bits` set as the kernel would (those past the
+    /// room the kernel may write are left out).
     fn report(iova: u64, length: u64, page_size: u64, bits: &[u64]) -> DmaLogReport {
         let words = report_words("t", 4096, iova, length, page_size).unwrap();
         let mut bitmap = KernelBitmap::new("t", words).unwrap();
+        let span = bitmap.span_mut();
         for &b in bits {
-            bitmap.words_mut()[(b / 64) as usize] |= 1 << (b % 64);
+            if let Some(w) = span.get_mut((b / 64) as usize) {
+                *w |= 1 << (b % 64);
+            }
         }
         bitmap.finish("t", length.div_ceil(page_size)).unwrap();
         DmaLogReport { iova, length, page_size, bitmap }
@@ -883,6 +928,92 @@ mod tests {
         assert_eq!(report_words("t", 4096, 0, u64::MAX, 1 << 63).unwrap(), 1);
         assert_eq!(report_words("t", 4096, 0x1000, u64::MAX - 0x1000, 4096).unwrap(), 1 << 46);
     }
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        fn pow2_or_any() -> impl Strategy<Value = u64> {
+            prop_oneof![any::<u64>(), (0u32..64).prop_map(|s| 1u64 << s), Just(0)]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Report requests never panic, and are accepted exactly when well-formed for the
+            /// tracked page size.
+            #[test]
+            fn report_requests(
+                tracked in pow2_or_any(),
+                iova in prop_oneof![any::<u64>(), (0u64..1 << 24).prop_map(|p| p << 12)],
+                length in prop_oneof![any::<u64>(), 0u64..1 << 30],
+                page_size in pow2_or_any(),
+            ) {
+                let ok = length != 0
+                    && page_size.is_power_of_two()
+                    && page_size >= 4096
+                    && page_size >= tracked
+                    && tracked.is_power_of_two()
+                    && iova % tracked == 0
+                    && iova.checked_add(length).is_some();
+                match report_words("t", tracked, iova, length, page_size) {
+                    Ok(words) => {
+                        prop_assert!(ok);
+                        prop_assert_eq!(words as u64, length.div_ceil(page_size).div_ceil(64));
+                    }
+                    Err(Error::InvalidArgument { .. }) => prop_assert!(!ok),
+                    Err(e) => prop_assert!(false, "unexpected error {:?}", e),
+                }
+            }
+
+            /// Any ranges, inverted or not: an error or well-formed kernel ranges, never a panic.
+            #[test]
+            fn logging_ranges_never_panic(
+                page_size in pow2_or_any(),
+                ranges in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..5),
+            ) {
+                let ranges: Vec<IovaRange> =
+                    ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect();
+                if let Ok(raw) = logging_ranges("t", page_size, &ranges) {
+                    prop_assert_eq!(raw.len(), ranges.len());
+                    for (k, r) in raw.iter().zip(&ranges) {
+                        prop_assert!(r.start <= r.last && k.length != 0);
+                        prop_assert_eq!((k.iova, k.iova + (k.length - 1)), (r.start, r.last));
+                        prop_assert!(k.iova % page_size == 0 && k.length % page_size == 0);
+                    }
+                }
+            }
+
+            /// Decoding a report with any bits set (past the end too) agrees with itself.
+            #[test]
+            fn reports_decode(
+                shift in 12u32..=30,
+                length in 1u64..1 << 40,
+                at_top in any::<bool>(),
+                bits in proptest::collection::vec(any::<u64>(), 0..20),
+            ) {
+                let page_size = 1u64 << shift;
+                let length = length.min(page_size * 2000);
+                let iova = if at_top { (u64::MAX - length + 1) & !4095 } else { 0x10_0000 };
+                prop_assume!(iova.checked_add(length).is_some());
+                let pages = length.div_ceil(page_size);
+                let rep = report(iova, length, page_size, &bits.iter().map(|b| b % (pages + 64)).collect::<Vec<_>>());
+                let dirty: Vec<u64> = rep.dirty_pages().collect();
+                prop_assert!(dirty.windows(2).all(|w| w[0] < w[1]));
+                for &p in &dirty {
+                    prop_assert!(rep.is_dirty(p) && p >= iova && p - iova < length);
+                }
+                let set: u64 = rep.bitmap().iter().map(|w| u64::from(w.count_ones())).sum();
+                prop_assert_eq!(set, dirty.len() as u64);
+                prop_assert!(!rep.is_dirty(iova.wrapping_sub(1)) || iova == 0);
+            }
+        }
+    }
+
     #[test]
     fn hot_reset_info_parsing() {
         let devfn = |d: u8, f: u8| (d << 3) | f;
@@ -914,5 +1045,107 @@ mod tests {
         assert_eq!(info.devices[0].owner, HotResetOwner::Group(12));
         // A count past the buffer is a protocol error, not a panic.
         assert!(matches!(parse_hot_reset_info(&[0, 1, 5, 0, 0]), Err(Error::Protocol { .. })));
+    }
+}
+
+/// Property tests of the hot-reset-info decoder (kernel-written data) and of the DMA-logging and
+/// dma-buf validation: any input gives a value or an error, never a panic or an out-of-bounds read.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::device::prop_cases()))]
+
+        #[test]
+        fn hot_reset_info_of_any_words_is_decoded_or_refused(
+            mut buf in proptest::collection::vec(any::<u32>(), 0..24),
+            count in prop_oneof![0u32..12, any::<u32>()],
+        ) {
+            if buf.len() > 2 {
+                buf[2] = count;
+            }
+            if let Ok(info) = parse_hot_reset_info(&buf) {
+                prop_assert_eq!(info.devices.len(), buf[2] as usize);
+                prop_assert!(3 + 2 * info.devices.len() <= buf.len());
+                for dep in &info.devices {
+                    prop_assert!(dep.address.device < 32 && dep.address.function < 8);
+                    prop_assert!(dep.address.domain <= 0xffff);
+                }
+            }
+        }
+
+        #[test]
+        fn hot_reset_info_round_trips(
+            dev_id in any::<bool>(),
+            owned in any::<bool>(),
+            entries in proptest::collection::vec((any::<u32>(), any::<u16>(), any::<u8>(), any::<u8>()), 0..10),
+            slack in 0usize..6,
+        ) {
+            let mut flags = 0;
+            if dev_id {
+                flags |= sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID;
+            }
+            if owned {
+                flags |= sys::VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED;
+            }
+            let mut buf = vec![0, flags, entries.len() as u32];
+            for (id, seg, bus, devfn) in &entries {
+                let s = seg.to_ne_bytes();
+                buf.extend([*id, u32::from_ne_bytes([s[0], s[1], *bus, *devfn])]);
+            }
+            buf.resize(buf.len() + slack, 0xdead_beef);
+            let info = parse_hot_reset_info(&buf).unwrap();
+            prop_assert_eq!(info.all_owned, dev_id && owned);
+            for (dep, (id, seg, bus, devfn)) in info.devices.iter().zip(&entries) {
+                let want = PciAddress { domain: u32::from(*seg), bus: *bus, device: devfn >> 3, function: devfn & 7 };
+                prop_assert_eq!(dep.address, want);
+                let owner = match *id {
+                    _ if !dev_id => HotResetOwner::Group(*id),
+                    sys::VFIO_PCI_DEVID_OWNED => HotResetOwner::Owned,
+                    id if id == sys::VFIO_PCI_DEVID_NOT_OWNED as u32 => HotResetOwner::NotOwned,
+                    id => HotResetOwner::DevId(id),
+                };
+                prop_assert_eq!(dep.owner, owner);
+            }
+        }
+
+        #[test]
+        fn logging_ranges_are_checked_without_panicking(
+            page_size in prop_oneof![Just(0u64), Just(4096u64), any::<u64>()],
+            ranges in proptest::collection::vec(
+                prop_oneof![
+                    any::<(u64, u64)>(),
+                    (0u64..64, 0u64..64).prop_map(|(a, b)| (a << 12, (b << 12) | 0xfff)),
+                ],
+                0..6,
+            ),
+        ) {
+            let ranges: Vec<IovaRange> = ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect();
+            if let Ok(raw) = logging_ranges("t", page_size, &ranges) {
+                prop_assert_eq!(raw.len(), ranges.len());
+                for r in raw {
+                    prop_assert!(r.length != 0 && r.iova % page_size == 0 && r.length % page_size == 0);
+                }
+            }
+        }
+
+        #[test]
+        fn dma_buf_arguments_are_laid_out_or_refused(
+            index in any::<u32>(),
+            ranges in proptest::collection::vec(
+                prop_oneof![any::<(u64, u64)>(), (0u64..16, 1u64..16).prop_map(|(o, l)| (o << 12, l << 12))],
+                0..5,
+            ),
+        ) {
+            let ranges: Vec<RegionRange> = ranges.into_iter().map(|(offset, len)| RegionRange { offset, len }).collect();
+            if let Ok((words, total)) = dma_buf_arg("t", index, &ranges) {
+                let argsz = (words[0] & 0xffff_ffff) as usize;
+                prop_assert!(argsz <= words.len() * 8);
+                prop_assert_eq!(total, ranges.iter().map(|r| r.len).sum::<u64>());
+            }
+        }
     }
 }

@@ -55,20 +55,23 @@ impl BoundDevice {
     /// The device's IOMMU group, read from sysfs: its number, and each member with its driver and
     /// whether it is bound to this device's iommufd.
     ///
-    /// Needs the device's sysfs name ([`name`](Self::name)); a device whose name could not be found
-    /// when it was opened gives [`Error::InvalidArgument`].
+    /// The device is the one behind the cdev's device number (`/sys/dev/char/MAJOR:MINOR`), whatever
+    /// path or fd it was opened from. Where sysfs was not mounted when the device was opened, its name
+    /// is unknown and this gives [`Error::InvalidArgument`].
     pub fn group(&self) -> Result<GroupFacts> {
         const OP: &str = "BoundDevice::group";
-        let name = self.name().ok_or_else(|| {
-            Error::invalid(
-                OP,
-                "the device's sysfs name is unknown (it was opened from a path or fd with no \
-                 /sys/class/vfio-dev entry): open it with VfioDevice::open_pci to get group facts",
-            )
-        })?;
-        let dir = device_sysfs_dir(name).ok_or_else(|| {
-            Error::invalid(OP, format!("no device named {name:?} under /sys/bus/*/devices"))
-        })?;
+        let dir = match (&self.inner.sysfs, self.name()) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(name)) => device_sysfs_dir(name).ok_or_else(|| {
+                Error::invalid(OP, format!("no device named {name:?} under /sys/bus/*/devices"))
+            })?,
+            (None, None) => {
+                return Err(Error::invalid(
+                    OP,
+                    "the device's sysfs entry is unknown (sysfs was not mounted when its cdev was opened)",
+                ));
+            }
+        };
         let number = group_of_sysfs_dir(&dir)?;
         let bound = self.iommufd().bound_device_names();
         let members_dir = Path::new(IOMMU_GROUPS).join(number.to_string()).join("devices");

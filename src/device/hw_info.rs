@@ -114,10 +114,17 @@ pub fn hw_info(device: &impl IommuDevice) -> Result<HwInfo> {
     // SAFETY: IOMMU_GET_HW_INFO takes `iommu_hw_info`, sized by `new()`; `data_uptr` points at
     // `data_len` writable bytes of `data`, alive for the call, and the kernel writes at most that.
     unsafe { ioctl::call(device.iommufd().as_fd(), &ioctl::GET_HW_INFO, &mut arg) }?;
-    let len = (arg.data_len as usize).min(data.len());
-    let bytes = &data[..len];
     // SAFETY: reading the `out_data_type` member of the kernel-filled union; both members are u32.
     let kind = unsafe { arg.__bindgen_anon_1.out_data_type };
+    Ok(decode(kind, &data, arg.data_len, arg.out_capabilities, arg.out_max_pasid_log2))
+}
+
+/// Decodes the kernel's answer: the data type, the buffer it filled and the length it reported (which
+/// may exceed the buffer: only the buffer's bytes are read), the capabilities and the PASID width.
+/// Total: any input decodes, never reading past `buffer`.
+fn decode(kind: u32, buffer: &[u8], data_len: u32, capabilities: u64, max_pasid_log2: u8) -> HwInfo {
+    let len = usize::try_from(data_len).unwrap_or(usize::MAX).min(buffer.len());
+    let bytes = &buffer[..len];
     let data = match kind {
         sys::IOMMU_HW_INFO_TYPE_NONE => HwInfoData::None,
         sys::IOMMU_HW_INFO_TYPE_INTEL_VTD => {
@@ -143,9 +150,80 @@ pub fn hw_info(device: &impl IommuDevice) -> Result<HwInfo> {
         }
         kind => HwInfoData::Unknown { kind, data: bytes.to_vec() },
     };
-    Ok(HwInfo {
-        data,
-        capabilities: HwCapabilities::from_bits_retain(arg.out_capabilities),
-        max_pasid_log2: arg.out_max_pasid_log2,
-    })
+    HwInfo { data, capabilities: HwCapabilities::from_bits_retain(capabilities), max_pasid_log2 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn known_types_decode_their_fields() {
+        let mut vtd = 7u32.to_ne_bytes().to_vec();
+        vtd.extend_from_slice(&[0; 4]);
+        vtd.extend_from_slice(&0x1122u64.to_ne_bytes());
+        vtd.extend_from_slice(&0x3344u64.to_ne_bytes());
+        let info = decode(sys::IOMMU_HW_INFO_TYPE_INTEL_VTD, &vtd, 24, 1, 20);
+        assert_eq!(info.data, HwInfoData::IntelVtd { flags: 7, cap_reg: 0x1122, ecap_reg: 0x3344 });
+        assert_eq!(info.capabilities, HwCapabilities::DIRTY_TRACKING);
+        assert_eq!(info.max_pasid_log2, 20);
+        // A shorter answer leaves the rest zero; a longer reported length reads only the buffer.
+        let short = decode(sys::IOMMU_HW_INFO_TYPE_INTEL_VTD, &vtd, 16, 0, 0);
+        assert_eq!(short.data, HwInfoData::IntelVtd { flags: 7, cap_reg: 0x1122, ecap_reg: 0 });
+        let long = decode(sys::IOMMU_HW_INFO_TYPE_INTEL_VTD, &vtd, u32::MAX, 0, 0);
+        assert_eq!(long.data, info.data);
+        let unknown = decode(0xdead, &vtd, 5, 0, 0);
+        assert_eq!(unknown.data, HwInfoData::Unknown { kind: 0xdead, data: vtd[..5].to_vec() });
+    }
+
+    fn kinds() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(sys::IOMMU_HW_INFO_TYPE_NONE),
+            Just(sys::IOMMU_HW_INFO_TYPE_INTEL_VTD),
+            Just(sys::IOMMU_HW_INFO_TYPE_ARM_SMMUV3),
+            Just(sys::IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV),
+            Just(sys::IOMMU_HW_INFO_TYPE_AMD),
+            any::<u32>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any type, bytes, reported length and flags: a value, never a panic or a read past the
+        /// buffer; an unknown type keeps exactly the bytes the kernel reported (up to the buffer).
+        #[test]
+        fn decode_is_total(
+            kind in kinds(),
+            buffer in proptest::collection::vec(any::<u8>(), 0..300),
+            data_len: u32,
+            capabilities: u64,
+            max_pasid_log2: u8,
+        ) {
+            let info = decode(kind, &buffer, data_len, capabilities, max_pasid_log2);
+            prop_assert_eq!(info.capabilities.bits(), capabilities);
+            prop_assert_eq!(info.max_pasid_log2, max_pasid_log2);
+            if let HwInfoData::Unknown { kind: k, data } = &info.data {
+                prop_assert_eq!(*k, kind);
+                let n = (data_len as usize).min(buffer.len());
+                prop_assert_eq!(&data[..], &buffer[..n]);
+            }
+        }
+
+        /// Zero-extension: decoding a prefix equals decoding it padded with zeros to full length.
+        #[test]
+        fn a_short_answer_reads_as_zero_padded(
+            kind in kinds(),
+            buffer in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut padded = buffer.clone();
+            padded.resize(256, 0);
+            let short = decode(kind, &buffer, buffer.len() as u32, 0, 0);
+            let full = decode(kind, &padded, 256, 0, 0);
+            if !matches!(short.data, HwInfoData::Unknown { .. }) {
+                prop_assert_eq!(short.data, full.data);
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod display;
 mod feature;
 mod group;
 mod hw_info;
+pub(crate) mod ident;
 mod pci;
 
 pub use access::*;
@@ -18,14 +19,14 @@ pub use group::*;
 pub use hw_info::*;
 pub use pci::*;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use iommufd_sys as sys;
 
-use crate::error::{Error, Result};
+use crate::error::{CloseError, Error, Result};
 use crate::hwpt::{PageTable, PtRef};
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
@@ -33,14 +34,20 @@ use crate::iommufd::Iommufd;
 /// A VFIO device cdev (`/dev/vfio/devices/vfioN`), opened but not yet bound to an iommufd.
 ///
 /// A cdev accepts no other ioctl until it is bound, so this type offers only [`bind`](Self::bind).
+///
+/// Which device a cdev is comes from the fd itself, never from a path or link text: `fstat` gives
+/// its device number and `/sys/dev/char/MAJOR:MINOR` links to `<device>/vfio-dev/vfioN`, so a
+/// symlink, a renamed bind mount or an fd opened in another mount namespace still names the right
+/// device ([`name`](Self::name)).
 #[derive(Debug)]
 pub struct VfioDevice {
     fd: OwnedFd,
-    name: Option<String>,
+    device: Option<ident::CdevDevice>,
 }
 
 impl VfioDevice {
-    /// Opens a device cdev by path.
+    /// Opens a device cdev by path. A file that is not a VFIO device cdev (a legacy group node
+    /// `/dev/vfio/N`, `/dev/vfio/vfio`, `/dev/iommu`, ...) gives [`Error::WrongFile`] and is closed.
     pub fn open(path: impl AsRef<Path>) -> Result<VfioDevice> {
         let path = path.as_ref();
         let fd = rustix::fs::open(
@@ -49,8 +56,8 @@ impl VfioDevice {
             rustix::fs::Mode::empty(),
         )
         .map_err(|e| Error::open(path, e))?;
-        let name = path.file_name().and_then(|n| n.to_str()).and_then(pci::cdev_device_name);
-        Ok(VfioDevice { fd, name })
+        let device = ident::check_vfio_cdev("VfioDevice::open", fd.as_fd())?;
+        Ok(VfioDevice { fd, device })
     }
 
     /// Opens the cdev of the PCI device at `address` (`0000:00:03.0`), found through
@@ -58,31 +65,45 @@ impl VfioDevice {
     pub fn open_pci(address: &str) -> Result<VfioDevice> {
         let address: PciAddress = address.parse()?;
         let cdev = address.vfio_cdev_path()?;
-        let mut dev = Self::open(&cdev)?;
-        dev.name = Some(address.to_string());
-        Ok(dev)
+        let dev = Self::open(&cdev)?;
+        let want = address.to_string();
+        match dev.name() {
+            Some(name) if name != want => Err(Error::Protocol {
+                op: "VfioDevice::open_pci",
+                detail: format!(
+                    "{} belongs to {name}, not {want} (was the device unbound and another bound meanwhile?)",
+                    cdev.display()
+                ),
+            }),
+            Some(_) => Ok(dev),
+            None => Ok(VfioDevice { device: Some(ident::CdevDevice { name: want, dir: None }), ..dev }),
+        }
     }
 
     /// Adopts an already-open device cdev (for example passed by a management process).
     ///
-    /// The device's sysfs name is recovered from `/proc/self/fd` when possible, for group facts.
-    pub fn from_fd(fd: OwnedFd) -> VfioDevice {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok();
-        let name = link
-            .as_deref()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .and_then(pci::cdev_device_name);
-        VfioDevice { fd, name }
+    /// The fd is identified by its device number (`fstat` and `/sys/dev/char/MAJOR:MINOR`) before any
+    /// ioctl: any other file gives [`Error::WrongFile`] ("not a VFIO device cdev") and is closed. The
+    /// device's sysfs name comes from the same lookup. Where sysfs is not mounted, the cdev is
+    /// recognised by the major number `/proc/devices` lists as `vfio-dev`, and the name is unknown.
+    pub fn from_fd(fd: OwnedFd) -> Result<VfioDevice> {
+        let device = ident::check_vfio_cdev("VfioDevice::from_fd", fd.as_fd())?;
+        Ok(VfioDevice { fd, device })
     }
 
-    /// The device's sysfs name (a PCI address), when known.
+    /// The device's sysfs name (a PCI address, or a platform device's name), read from sysfs through
+    /// the cdev's device number; `None` only where sysfs is not mounted.
     pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
+        self.device.as_ref().map(|d| d.name.as_str())
     }
 
     /// Binds the device to `iommufd` (`VFIO_DEVICE_BIND_IOMMUFD`, Linux 6.6). On failure the cdev is
     /// closed.
+    ///
+    /// A cdev can be opened any number of times, but the device is bound through one open file at a
+    /// time: binding while it is bound (through this or another open of its cdev, to any iommufd)
+    /// fails with `EINVAL`. `EBUSY` means its IOMMU group is open through the legacy VFIO group
+    /// interface (`/dev/vfio/<group>`); `EPERM` that the platform lacks interrupt remapping.
     pub fn bind(self, iommufd: &Iommufd) -> Result<BoundDevice> {
         self.bind_inner(iommufd, None)
     }
@@ -93,6 +114,7 @@ impl VfioDevice {
     }
 
     fn bind_inner(self, iommufd: &Iommufd, token: Option<[u8; 16]>) -> Result<BoundDevice> {
+        iommufd.check_process(ioctl::DEVICE_BIND_IOMMUFD.name)?;
         let mut arg = sys::vfio_device_bind_iommufd::new();
         arg.iommufd = iommufd.as_raw_fd();
         if let Some(token) = &token {
@@ -103,7 +125,7 @@ impl VfioDevice {
         // `new()`; `iommufd` is borrowed open for the call and `token_uuid_ptr` is null or points at the
         // 16 readable bytes of `token`, alive until the call returns.
         unsafe { ioctl::call(self.fd.as_fd(), &ioctl::DEVICE_BIND_IOMMUFD, &mut arg) }?;
-        if let Some(name) = &self.name {
+        if let Some(name) = self.name() {
             iommufd.register_bound(name);
         }
         Ok(BoundDevice {
@@ -111,8 +133,9 @@ impl VfioDevice {
                 fd: self.fd,
                 iommufd: iommufd.clone(),
                 dev_id: arg.out_devid,
-                name: self.name,
-                attached: Mutex::new(BTreeSet::new()),
+                name: self.device.as_ref().map(|d| d.name.clone()),
+                sysfs: self.device.and_then(|d| d.dir),
+                attached: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -131,12 +154,17 @@ impl AsRawFd for VfioDevice {
 }
 
 impl FromRawFd for VfioDevice {
+    /// Adopts `fd` without refusing it; prefer [`VfioDevice::from_fd`], which checks. The name is still
+    /// read from the fd's device number (and is `None` if it is not a VFIO device cdev).
+    ///
     /// # Safety
     ///
     /// `fd` must be an open VFIO device cdev owned by the caller; ownership moves to the new value.
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         // SAFETY: the caller transfers ownership of the open fd (this function's contract).
-        Self::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let device = ident::check_vfio_cdev("VfioDevice::from_raw_fd", fd.as_fd()).ok().flatten();
+        VfioDevice { fd, device }
     }
 }
 
@@ -149,16 +177,30 @@ impl From<VfioDevice> for OwnedFd {
 /// The key of an attachment: the whole device (`None`) or one PASID.
 type AttachKey = Option<u32>;
 
+/// The state of one attachment slot (the whole device, or one PASID) of a device.
+enum Slot {
+    /// An [`Attachment`] handle owns the slot.
+    Live,
+    /// The handle was dropped but its detach failed: the kernel may still point the slot at this page
+    /// table, so the device keeps it alive. The next attach of the slot replaces it in the kernel
+    /// (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` on an attached slot is a replace) and releases it.
+    Orphaned(#[allow(dead_code)] PtRef),
+}
+
 pub(crate) struct DeviceInner {
+    /// Declared first so that it is closed first: closing the cdev detaches and unbinds the device in
+    /// the kernel, after which page tables of orphaned slots (in `attached`) can be destroyed.
     pub(crate) fd: OwnedFd,
     pub(crate) iommufd: Iommufd,
     pub(crate) dev_id: u32,
     pub(crate) name: Option<String>,
-    attached: Mutex<BTreeSet<AttachKey>>,
+    /// The device's sysfs directory, resolved from the cdev's device number.
+    pub(crate) sysfs: Option<PathBuf>,
+    attached: Mutex<BTreeMap<AttachKey, Slot>>,
 }
 
 impl DeviceInner {
-    fn attached(&self) -> MutexGuard<'_, BTreeSet<AttachKey>> {
+    fn attached(&self) -> MutexGuard<'_, BTreeMap<AttachKey, Slot>> {
         self.attached.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -220,14 +262,19 @@ impl BoundDevice {
         &self.inner.iommufd
     }
 
-    /// The device's sysfs name (its PCI address), when known.
+    /// The device's sysfs name (its PCI address), read through the cdev's device number when it was
+    /// opened (see [`VfioDevice::name`]).
     pub fn name(&self) -> Option<&str> {
         self.inner.name.as_deref()
     }
 
-    /// The sysfs directory of the device, when its name is known.
+    /// The sysfs directory of the device (`/sys/devices/pci0000:00/0000:00:03.0`), resolved from the
+    /// cdev's device number; for a device known only by name, `/sys/bus/pci/devices/<name>`.
     pub fn sysfs_path(&self) -> Option<PathBuf> {
-        self.name().map(|n| PathBuf::from("/sys/bus/pci/devices").join(n))
+        self.inner
+            .sysfs
+            .clone()
+            .or_else(|| self.name().map(|n| PathBuf::from("/sys/bus/pci/devices").join(n)))
     }
 
     /// Points the whole device's DMA at `pt` (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`). Only one whole-device
@@ -238,16 +285,61 @@ impl BoundDevice {
 
     /// Points one PASID of the device at `pt` (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` with
     /// `VFIO_DEVICE_ATTACH_PASID`, Linux 6.15).
+    ///
+    /// Checked before the attach ioctl: PASID 0 is [`Error::InvalidArgument`] (to the kernel it means
+    /// "no PASID", the whole device: use [`attach`](Self::attach)); a device whose IOMMU reports no
+    /// PASID support (`IOMMU_GET_HW_INFO`'s `max_pasid_log2` is 0, see [`HwInfo`]) gives
+    /// [`Error::NotCapable`], and a PASID at or past `1 << max_pasid_log2` gives
+    /// [`Error::InvalidArgument`]. A kernel older than 6.15 gives [`Error::Unsupported`].
     pub fn attach_pasid(&self, pasid: u32, pt: &impl PageTable) -> Result<Attachment> {
         self.attach_inner(Some(pasid), pt)
     }
 
+    /// Refuses a PASID the device cannot use, before any attach ioctl.
+    fn check_pasid(&self, pasid: u32) -> Result<()> {
+        const OP: &str = "VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)";
+        if pasid == 0 {
+            return Err(Error::invalid(
+                OP,
+                "PASID 0 means no PASID to the kernel (IOMMU_NO_PASID), a whole-device attach: use attach()",
+            ));
+        }
+        let log2 = self.hw_info()?.max_pasid_log2;
+        if log2 == 0 {
+            // Kernels before 6.15 report no PASID width (the field was reserved) and have no PASID
+            // attach either.
+            if !self.inner.iommufd.capabilities()?.hw_info_max_pasid {
+                return Err(Error::Unsupported { op: OP, since: "6.15" });
+            }
+            let who = self.name().map_or_else(String::new, |n| format!(" {n}"));
+            return Err(Error::NotCapable {
+                op: OP,
+                reason: format!(
+                    "device{who} has no PASID support: IOMMU_GET_HW_INFO reports max_pasid_log2 0 (the \
+                     device lacks the PCI PASID capability, or its IOMMU does not enable PASID)"
+                ),
+            });
+        }
+        // A width of 32 or more bits admits every u32.
+        if pasid.checked_shr(u32::from(log2)).unwrap_or(0) != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("PASID {pasid:#x} is out of the device's range (max_pasid_log2 {log2})"),
+            ));
+        }
+        Ok(())
+    }
+
     fn attach_inner(&self, pasid: Option<u32>, pt: &impl PageTable) -> Result<Attachment> {
         const OP: &str = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
+        self.inner.iommufd.check_process(OP)?;
         let pt = pt.pt_ref();
         self.inner.iommufd.check_same(pt.iommufd(), OP)?;
+        if let Some(pasid) = pasid {
+            self.check_pasid(pasid)?;
+        }
         let mut attached = self.inner.attached();
-        if attached.contains(&pasid) {
+        if matches!(attached.get(&pasid), Some(Slot::Live)) {
             return Err(Error::invalid(
                 OP,
                 match pasid {
@@ -270,20 +362,30 @@ impl BoundDevice {
             }
             return Err(e);
         }
-        attached.insert(pasid);
+        // An orphaned slot was just replaced in the kernel: its old page table is released here.
+        let orphan = attached.insert(pasid, Slot::Live);
+        drop(attached);
+        drop(orphan);
         Ok(Attachment { dev: self.inner.clone(), pasid, pt: Some(pt) })
     }
 
-    /// Unbinds now: refused with [`Error::InUse`] while clones or attachments exist. (Closing the cdev
-    /// cannot fail in a way the caller could act on; this exists so teardown order can be asserted.)
-    pub fn close(self) -> Result<()> {
+    /// Unbinds now. Refused with [`Error::InUse`] while clones, attachments or other handles of the
+    /// device exist, and with [`Error::ForeignProcess`] in a `fork()`ed child; either way the handle
+    /// comes back with the error, so the caller can retry. (Closing the cdev itself cannot fail in a
+    /// way the caller could act on; this exists so teardown order can be asserted.)
+    pub fn close(self) -> std::result::Result<(), CloseError<BoundDevice>> {
+        const OP: &str = "close(VFIO device)";
+        if let Err(e) = self.inner.iommufd.check_process(OP) {
+            return Err(CloseError::new(e, self));
+        }
         match Arc::try_unwrap(self.inner) {
             Ok(inner) => {
                 drop(inner);
                 Ok(())
             }
             Err(inner) => {
-                Err(Error::InUse { op: "close(VFIO device)", users: Arc::strong_count(&inner) - 1 })
+                let users = Arc::strong_count(&inner) - 1;
+                Err(CloseError::new(Error::InUse { op: OP, users }, BoundDevice { inner }))
             }
         }
     }
@@ -357,6 +459,7 @@ impl Attachment {
     /// blocked DMA). On failure the device stays attached to the old page table.
     pub fn replace(&mut self, pt: &impl PageTable) -> Result<()> {
         const OP: &str = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
+        self.dev.iommufd.check_process(OP)?;
         let new = pt.pt_ref();
         self.dev.iommufd.check_same(new.iommufd(), OP)?;
         attach_ioctl(self.dev.fd.as_fd(), self.pasid, new.id())?;
@@ -365,35 +468,76 @@ impl Attachment {
     }
 
     fn do_detach(&mut self) -> Result<()> {
+        let mut attached = self.dev.attached();
         detach_ioctl(self.dev.fd.as_fd(), self.pasid)?;
-        self.dev.attached().remove(&self.pasid);
+        attached.remove(&self.pasid);
+        drop(attached);
         self.pt = None;
         Ok(())
     }
 
-    /// Detaches now and reports failure. On failure the device stays attached and the page table is
-    /// kept alive (leaked) rather than destroyed under it.
-    pub fn detach(mut self) -> Result<()> {
-        let r = self.do_detach();
-        if r.is_err() {
-            std::mem::forget(self.pt.take());
+    /// Detaches now and reports failure. On failure (or with [`Error::ForeignProcess`] in a `fork()`ed
+    /// child) the device stays attached, and the attachment comes back with the error, still owning
+    /// the slot and keeping the page table alive, so the caller can retry.
+    pub fn detach(mut self) -> std::result::Result<(), CloseError<Attachment>> {
+        if let Err(e) = self.dev.iommufd.check_process("VFIO_DEVICE_DETACH_IOMMUFD_PT") {
+            return Err(CloseError::new(e, self));
         }
-        r
+        match self.do_detach() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(CloseError::new(e, self)),
+        }
     }
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        if self.pt.is_none() {
+        // In a fork()ed child the attachment is the parent's: leave it (and its page table) alone.
+        if self.pt.is_none() || !self.dev.iommufd.in_owner_process() {
             return;
         }
         if let Err(e) = self.do_detach() {
             log::error!(
-                "iommufd: detaching device {} (pasid {:?}) on drop failed, keeping its page table: {e}",
+                "iommufd: detaching device {} (pasid {:?}) on drop failed; the device keeps the page \
+                 table alive until the slot is attached again or the device is closed: {e}",
                 self.dev.dev_id,
                 self.pasid
             );
-            std::mem::forget(self.pt.take());
+            if let Some(pt) = self.pt.take() {
+                self.dev.attached().insert(self.pasid, Slot::Orphaned(pt));
+            }
         }
+    }
+}
+
+/// Cases per property test: 1000 on the host; 64 inside the test VM (`IOMMUFD_TEST_IOMMU` is set),
+/// where the same pure functions run again under emulation and more cases would add time, not
+/// coverage.
+#[cfg(test)]
+pub(crate) fn prop_cases() -> u32 {
+    if std::env::var_os("IOMMUFD_TEST_IOMMU").is_some() { 64 } else { 1000 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_that_are_not_a_vfio_cdev_are_refused() {
+        let e = VfioDevice::open("/dev/null").unwrap_err();
+        assert!(matches!(e, Error::WrongFile { op: "VfioDevice::open", .. }), "{e}");
+        assert!(e.to_string().contains("not a VFIO device cdev"), "{e}");
+        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        let e = VfioDevice::from_fd(null.into()).unwrap_err();
+        assert!(matches!(e, Error::WrongFile { op: "VfioDevice::from_fd", .. }), "{e}");
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let e = VfioDevice::from_fd(file.into()).unwrap_err();
+        assert!(e.to_string().ends_with("the file is a regular file"), "{e}");
+        // Unchecked adoption keeps the fd but knows no device name for it.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: the fd is freshly opened and its ownership moves to the value; it is deliberately
+        // not a cdev, which only makes later ioctls fail.
+        let dev = unsafe { VfioDevice::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(null)) };
+        assert_eq!(dev.name(), None);
     }
 }

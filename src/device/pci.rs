@@ -175,12 +175,6 @@ fn parse_sysfs_id(text: &str) -> Option<u16> {
     u16::from_str_radix(hex, 16).ok()
 }
 
-/// The sysfs device name behind a cdev name `vfioN` (`/sys/class/vfio-dev/vfioN/device`).
-pub(crate) fn cdev_device_name(cdev: &str) -> Option<String> {
-    let link = std::fs::read_link(format!("/sys/class/vfio-dev/{cdev}/device")).ok()?;
-    link.file_name()?.to_str().map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,9 +5,13 @@
 //! libclang nor kernel headers. `cargo xtask gen-sys` regenerates the file; `cargo xtask check-sys`
 //! fails if the committed file differs from a fresh generation.
 //!
-//! Every ioctl request number is a plain `u32` constant (`IOMMU_IOAS_MAP`, `VFIO_DEVICE_BIND_IOMMUFD`,
-//! ...). The generator checks each against a C program compiled from the same headers, and this
-//! crate's tests recompute them with `rustix::ioctl::opcode`.
+//! Every ioctl request number is a `u32` constant (`IOMMU_IOAS_MAP`, `VFIO_DEVICE_BIND_IOMMUFD`, ...)
+//! computed at compile time by [`_IO`] with the encoding of the target architecture's `asm/ioctl.h`:
+//! most architectures use the generic one, powerpc, mips and sparc another (`IOMMU_IOAS_ALLOC` is
+//! `0x3b81` on x86_64, aarch64, riscv64 and s390x, `0x2000_3b81` on powerpc64). An architecture whose
+//! encoding this crate does not know is refused at compile time. The generator checks every request
+//! number against a C program compiled from the same headers, for x86_64 and for each architecture's
+//! `asm/ioctl.h`; this crate's tests recompute them by formula and with `rustix::ioctl::opcode`.
 //!
 //! VFIO request numbers are unique only per file type: `VFIO_DEVICE_BIND_IOMMUFD` equals
 //! `VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY`, a container ioctl. Issue each only on the fd type it is
@@ -16,6 +20,7 @@
 //! Most users want the typed `iommufd` crate instead of this one.
 
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![allow(non_camel_case_types, non_upper_case_globals, non_snake_case)]
 #![allow(clippy::all, missing_docs, rustdoc::all, unsafe_op_in_unsafe_fn)]
 
@@ -27,16 +32,182 @@ compile_error!(
 #[cfg(not(target_os = "linux"))]
 compile_error!("iommufd-sys binds a Linux kernel interface and builds only for Linux targets");
 
+/// The ioctl request encoding of the target architecture (`asm/ioctl.h`): the generic one
+/// (`asm-generic/ioctl.h`: 2 direction bits, 14 size bits, `_IOC_NONE` = 0).
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "riscv32",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+))]
+mod ioc {
+    pub const NONE: u32 = 0;
+    pub const WRITE: u32 = 1;
+    pub const READ: u32 = 2;
+    pub const SIZEBITS: u32 = 14;
+    pub const DIRBITS: u32 = 2;
+}
+
+/// The ioctl request encoding of the target architecture (`asm/ioctl.h`): powerpc, mips and sparc
+/// (3 direction bits, 13 size bits, `_IOC_NONE` = 1).
+#[cfg(any(
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "sparc64",
+    target_arch = "sparc"
+))]
+mod ioc {
+    pub const NONE: u32 = 1;
+    pub const READ: u32 = 2;
+    pub const WRITE: u32 = 4;
+    pub const SIZEBITS: u32 = 13;
+    pub const DIRBITS: u32 = 3;
+}
+
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "riscv32",
+    target_arch = "s390x",
+    target_arch = "loongarch64",
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "sparc64",
+    target_arch = "sparc"
+)))]
+compile_error!(
+    "iommufd-sys does not know the ioctl request encoding (asm/ioctl.h) of this architecture, so it \
+     cannot compute its request numbers"
+);
+
+/// Bits of the command number in a request (`_IOC_NRBITS`).
+pub const _IOC_NRBITS: u32 = 8;
+/// Bits of the ioctl type (the driver's letter) in a request (`_IOC_TYPEBITS`).
+pub const _IOC_TYPEBITS: u32 = 8;
+/// Bits of the argument size in a request on the target architecture (`_IOC_SIZEBITS`).
+pub const _IOC_SIZEBITS: u32 = ioc::SIZEBITS;
+/// Bits of the direction in a request on the target architecture (`_IOC_DIRBITS`).
+pub const _IOC_DIRBITS: u32 = ioc::DIRBITS;
+/// Shift of the command number (`_IOC_NRSHIFT`).
+pub const _IOC_NRSHIFT: u32 = 0;
+/// Shift of the type (`_IOC_TYPESHIFT`).
+pub const _IOC_TYPESHIFT: u32 = _IOC_NRSHIFT + _IOC_NRBITS;
+/// Shift of the argument size (`_IOC_SIZESHIFT`).
+pub const _IOC_SIZESHIFT: u32 = _IOC_TYPESHIFT + _IOC_TYPEBITS;
+/// Shift of the direction (`_IOC_DIRSHIFT`).
+pub const _IOC_DIRSHIFT: u32 = _IOC_SIZESHIFT + _IOC_SIZEBITS;
+/// Direction of a request without an argument on the target architecture (`_IOC_NONE`).
+pub const _IOC_NONE: u32 = ioc::NONE;
+/// Direction of a request the kernel reads its argument for (`_IOC_WRITE`).
+pub const _IOC_WRITE: u32 = ioc::WRITE;
+/// Direction of a request the kernel writes its argument for (`_IOC_READ`).
+pub const _IOC_READ: u32 = ioc::READ;
+
+/// An ioctl request number from its parts, with the target architecture's encoding (`_IOC`). Each part
+/// is masked to the width of its field (the C macro expects parts that fit).
+pub const fn _IOC(dir: u32, ty: u32, nr: u32, size: u32) -> u32 {
+    const fn field(value: u32, bits: u32, shift: u32) -> u32 {
+        (value & ((1 << bits) - 1)) << shift
+    }
+    field(dir, _IOC_DIRBITS, _IOC_DIRSHIFT)
+        | field(ty, _IOC_TYPEBITS, _IOC_TYPESHIFT)
+        | field(nr, _IOC_NRBITS, _IOC_NRSHIFT)
+        | field(size, _IOC_SIZEBITS, _IOC_SIZESHIFT)
+}
+
+/// The request number of an ioctl without an argument size in its number (`_IO`): every iommufd and
+/// VFIO request is one (their argument structures carry their own size).
+pub const fn _IO(ty: u32, nr: u32) -> u32 {
+    _IOC(_IOC_NONE, ty, nr, 0)
+}
+
 include!("bindings.rs");
+
+// Known request numbers, worked out by hand from each architecture's `asm/ioctl.h`, checked at
+// compile time for every target this crate is built for.
+#[cfg(not(any(
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "sparc64",
+    target_arch = "sparc"
+)))]
+const _: () = {
+    assert!(IOMMU_IOAS_ALLOC == 0x3b81);
+    assert!(IOMMU_IOAS_MAP == 0x3b85);
+    assert!(IOMMU_IOAS_NOIOMMU_GET_PA == 0x3b95);
+    assert!(VFIO_GET_API_VERSION == 0x3b64);
+    assert!(VFIO_DEVICE_BIND_IOMMUFD == 0x3b76);
+};
+#[cfg(any(
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "sparc64",
+    target_arch = "sparc"
+))]
+const _: () = {
+    assert!(IOMMU_IOAS_ALLOC == 0x2000_3b81);
+    assert!(IOMMU_IOAS_MAP == 0x2000_3b85);
+    assert!(IOMMU_IOAS_NOIOMMU_GET_PA == 0x2000_3b95);
+    assert!(VFIO_GET_API_VERSION == 0x2000_3b64);
+    assert!(VFIO_DEVICE_BIND_IOMMUFD == 0x2000_3b76);
+};
 
 /// The kernel's mock IOMMU interface (`CONFIG_IOMMUFD_TEST`): `IOMMU_TEST_CMD`, `struct iommu_test_cmd`
 /// and the mock driver's data types, from `drivers/iommu/iommufd/iommufd_test.h` in the source of the
 /// pinned test kernel (see the header of `testing.rs`). Not a stable uAPI: it changes between kernels.
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing {
     // Included rather than a module file, like `bindings.rs`, so rustfmt leaves the generated text alone
     // and `cargo xtask check-sys` compares it byte for byte.
     include!("testing.rs");
+
+    // Known request number, checked at compile time like those of the crate root.
+    #[cfg(not(any(
+        target_arch = "powerpc64",
+        target_arch = "powerpc",
+        target_arch = "mips64",
+        target_arch = "mips64r6",
+        target_arch = "mips",
+        target_arch = "mips32r6",
+        target_arch = "sparc64",
+        target_arch = "sparc"
+    )))]
+    const _: () = assert!(IOMMU_TEST_CMD == 0x3ba0);
+    #[cfg(any(
+        target_arch = "powerpc64",
+        target_arch = "powerpc",
+        target_arch = "mips64",
+        target_arch = "mips64r6",
+        target_arch = "mips",
+        target_arch = "mips32r6",
+        target_arch = "sparc64",
+        target_arch = "sparc"
+    ))]
+    const _: () = assert!(IOMMU_TEST_CMD == 0x2000_3ba0);
 }
 
 #[cfg(test)]

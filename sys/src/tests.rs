@@ -9,6 +9,56 @@ fn io(nr: u32) -> u32 {
     opcode::none(b';', nr as u8) as u32
 }
 
+/// `_IO(';', nr)` for the host architecture, worked out from the kernel's `asm/ioctl.h` for each family
+/// rather than from this crate's `_IOC`: the direction "none" sits above 8 bits of type, 8 of number
+/// and the size field (14 bits generically; 13 on powerpc, mips and sparc, whose "none" is 1, not 0).
+fn io_by_formula(nr: u32) -> u32 {
+    let (none, size_bits) = if OTHER_ENCODING { (1u32, 13) } else { (0, 14) };
+    none << (16 + size_bits) | u32::from(b';') << 8 | nr
+}
+
+/// Whether the host uses the powerpc/mips/sparc encoding rather than the generic one.
+const OTHER_ENCODING: bool = cfg!(any(
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "sparc64",
+    target_arch = "sparc"
+));
+
+/// The direction bits of `_IO` on the host, to add to a number written as the generic encoding gives it.
+const DIR_NONE: u32 = if OTHER_ENCODING { 0x2000_0000 } else { 0 };
+
+#[test]
+fn request_numbers_match_the_architecture_formula() {
+    for (request, nr) in [
+        (IOMMU_DESTROY, 0x80),
+        (IOMMU_IOAS_ALLOC, 0x81),
+        (IOMMU_IOAS_MAP, 0x85),
+        (IOMMU_IOAS_NOIOMMU_GET_PA, 0x95),
+        (VFIO_GET_API_VERSION, 0x64),
+        (VFIO_DEVICE_BIND_IOMMUFD, 0x76),
+        (VFIO_DEVICE_FEATURE, 0x75),
+    ] {
+        assert_eq!(request, io_by_formula(nr), "request number {nr:#x}");
+        assert_eq!(request, io(nr), "rustix agrees for {nr:#x}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(IOMMU_IOAS_ALLOC, 0x3b81);
+    #[cfg(target_arch = "powerpc64")]
+    assert_eq!(IOMMU_IOAS_ALLOC, 0x2000_3b81);
+}
+
+#[cfg(feature = "testing")]
+#[test]
+fn test_cmd_request_number() {
+    assert_eq!(testing::IOMMU_TEST_CMD, io_by_formula(0xa0));
+    assert_eq!(testing::IOMMU_TEST_CMD, io(0xa0));
+}
+
 #[test]
 fn iommufd_request_numbers() {
     let table: [(u32, u32); 22] = [
@@ -40,8 +90,8 @@ fn iommufd_request_numbers() {
         assert_eq!(*request, io(*cmd), "request number for command {cmd:#x}");
     }
     // Values checked by hand against the C headers.
-    assert_eq!(IOMMU_IOAS_MAP, 0x3b85);
-    assert_eq!(IOMMU_IOAS_NOIOMMU_GET_PA, 0x3b95);
+    assert_eq!(IOMMU_IOAS_MAP, DIR_NONE | 0x3b85);
+    assert_eq!(IOMMU_IOAS_NOIOMMU_GET_PA, DIR_NONE | 0x3b95);
 }
 
 #[test]
@@ -74,7 +124,7 @@ fn vfio_device_request_numbers() {
     for (request, offset) in table {
         assert_eq!(request, io(base + offset), "VFIO_BASE + {offset}");
     }
-    assert_eq!(VFIO_DEVICE_BIND_IOMMUFD, 0x3b76);
+    assert_eq!(VFIO_DEVICE_BIND_IOMMUFD, DIR_NONE | 0x3b76);
     // Unique only per fd type: a device ioctl and a container ioctl share this number.
     assert_eq!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY);
 }

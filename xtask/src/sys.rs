@@ -13,6 +13,12 @@
 //! Both packages are downloaded into the cache (never installed, never committed). bindgen runs with the
 //! options recorded in each generated file's header; a C program compiled from the same headers then checks
 //! every integer constant (ioctl request numbers included) and every named struct's size.
+//!
+//! Ioctl request numbers depend on the architecture (`asm/ioctl.h`: powerpc, mips and sparc encode the
+//! direction differently), so they are not emitted as the x86_64 numbers bindgen computes but as
+//! `_IO(type, nr)` expressions that `iommufd-sys` evaluates at compile time with the target's encoding.
+//! Besides the x86_64 oracle, a C program per architecture (the `asm/` directory of each architecture
+//! that `linux-libc-dev` ships) checks every request number against the same encoding, [`ARCHES`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,6 +51,7 @@ const OPTIONS: &[&str] = &[
     "prepend_enum_name(false), default enum style (consts + type alias)",
     "derive Default, Debug, Copy, Clone; layout tests (compile-time asserts)",
     "clang_macro_fallback (ioctl request numbers from _IO macros)",
+    "ioctl request numbers emitted as _IO(type, nr), evaluated per target architecture by iommufd-sys",
     "kernel-doc comments kept, fenced as ```text so they never run as doctests",
 ];
 
@@ -58,8 +65,71 @@ const TEST_OPTIONS: &[&str] = &[
     "prepend_enum_name(false), default enum style (consts + type alias)",
     "derive Default, Debug, Copy, Clone; layout tests (compile-time asserts)",
     "clang_macro_fallback (IOMMU_TEST_CMD from its _IO macro)",
+    "ioctl request numbers emitted as _IO(type, nr), evaluated per target architecture by iommufd-sys",
     "kernel-doc comments kept, fenced as ```text so they never run as doctests",
 ];
+
+/// The `_IO` encoding of each 64-bit architecture Rust builds Linux code for, as its `asm/ioctl.h` defines
+/// it: (`linux-libc-dev` multiarch directory, `_IOC_NONE`, `_IOC_DIRSHIFT`). `sys/src/lib.rs` selects the
+/// same two encodings by `target_arch`; the per-architecture oracle checks this table against the kernel's
+/// headers for every request number.
+pub const ARCHES: &[(&str, u32, u32)] = &[
+    ("x86_64-linux-gnu", 0, 30),
+    ("aarch64-linux-gnu", 0, 30),
+    ("riscv64-linux-gnu", 0, 30),
+    ("s390x-linux-gnu", 0, 30),
+    ("loongarch64-linux-gnu", 0, 30),
+    ("powerpc64le-linux-gnu", 1, 29),
+    ("powerpc64-linux-gnu", 1, 29),
+    ("mips64el-linux-gnuabi64", 1, 29),
+    ("sparc64-linux-gnu", 1, 29),
+];
+
+/// `_IO(ty, nr)` with an architecture's encoding from [`ARCHES`].
+fn io_request(none: u32, dir_shift: u32, ty: u32, nr: u32) -> u64 {
+    u64::from(none << dir_shift | ty << 8 | nr)
+}
+
+/// The `(type, nr)` of a `_IO(0xTT, 0xNN)` expression as [`emit_requests`] writes it.
+fn parse_io(value: &str) -> Option<(u32, u32)> {
+    let args = value.strip_prefix("_IO(")?.strip_suffix(')')?;
+    let (ty, nr) = args.split_once(',')?;
+    let hex = |s: &str| u32::from_str_radix(s.trim().strip_prefix("0x")?, 16).ok();
+    Some((hex(ty)?, hex(nr)?))
+}
+
+/// Rewrites bindgen's `pub const NAME: u32 = <x86_64 number>;` for every request in `ioctls` as
+/// `pub const NAME: u32 = _IO(0xTT, 0xNN);`. bindgen evaluated the macro for x86_64, whose `_IO` has
+/// direction 0 and size 0, so the number is `type << 8 | nr`; anything else is an error.
+fn emit_requests(src: &str, ioctls: &[String]) -> Result<String> {
+    let mut out = String::with_capacity(src.len());
+    let mut done = Vec::new();
+    for line in src.split_inclusive('\n') {
+        let request = line.strip_prefix("pub const ").and_then(|rest| {
+            let (name, value) = rest.split_once(": u32 = ")?;
+            let value = value.trim_end().strip_suffix(';')?;
+            ioctls.contains(&name.to_string()).then_some((name, value))
+        });
+        let Some((name, value)) = request else {
+            out.push_str(line);
+            continue;
+        };
+        let number: u32 =
+            value.parse().map_err(|_| format!("{name}: request number {value:?} is not a u32"))?;
+        if number >> 16 != 0 {
+            return Err(
+                format!("{name} = {number:#x} is not an x86_64 _IO request (direction or size set)").into()
+            );
+        }
+        writeln!(out, "pub const {name}: u32 = _IO({:#x}, {:#x});", number >> 8, number & 0xff)?;
+        done.push(name.to_string());
+    }
+    let missing: Vec<_> = ioctls.iter().filter(|n| !done.contains(n)).collect();
+    if !missing.is_empty() {
+        return Err(format!("ioctl request numbers not emitted as `pub const NAME: u32`: {missing:?}").into());
+    }
+    Ok(out)
+}
 
 pub fn generated_path() -> PathBuf {
     workspace_root().join("sys/src/bindings.rs")
@@ -169,7 +239,7 @@ fn builder(name: &str, includes: &[&str], dirs: &[&Path]) -> Result<bindgen::Bui
 }
 
 /// Runs bindgen for `bindings.rs` and returns the generated source (with our header).
-fn generate(include: &Path) -> Result<String> {
+fn generate(include: &Path, ioctls: &[String]) -> Result<String> {
     let asm_include = include.join("x86_64-linux-gnu");
     let bindings = builder("iommufd-sys-wrapper.h", HEADERS, &[include, &asm_include])?
         .allowlist_type("(iommu|iommufd|vfio)_.*")
@@ -188,12 +258,12 @@ fn generate(include: &Path) -> Result<String> {
         writeln!(out, "// option:      {o}")?;
     }
     writeln!(out)?;
-    out.push_str(&bindings.to_string());
+    out.push_str(&emit_requests(&bindings.to_string(), ioctls)?);
     Ok(out)
 }
 
 /// Runs bindgen for `testing.rs` and returns the generated source (with our header).
-fn generate_testing(include: &Path, source: &Path) -> Result<String> {
+fn generate_testing(include: &Path, source: &Path, ioctls: &[String]) -> Result<String> {
     let asm_include = include.join("x86_64-linux-gnu");
     let bindings =
         builder("iommufd-sys-testing-wrapper.h", &[TEST_HEADER], &[source, include, &asm_include])?
@@ -224,7 +294,7 @@ fn generate_testing(include: &Path, source: &Path) -> Result<String> {
         writeln!(out, "// option:      {o}")?;
     }
     writeln!(out)?;
-    out.push_str(&bindings.to_string());
+    out.push_str(&emit_requests(&bindings.to_string(), ioctls)?);
     Ok(out)
 }
 
@@ -261,7 +331,10 @@ fn rust_consts(src: &str) -> BTreeMap<String, u64> {
             .iter()
             .find_map(|s| value.strip_suffix(s))
             .unwrap_or(value);
-        let parsed = if let Some(hex) = value.strip_prefix("0x") {
+        // Request numbers: the x86_64 value, which the C oracle computes.
+        let parsed = if let Some((ty, nr)) = parse_io(value) {
+            Some(io_request(0, 30, ty, nr))
+        } else if let Some(hex) = value.strip_prefix("0x") {
             u64::from_str_radix(hex, 16).ok()
         } else {
             value.parse::<i64>().ok().map(|v| v as u64)
@@ -304,14 +377,15 @@ fn rust_sizes(src: &str) -> BTreeMap<String, u64> {
 struct Oracle<'a> {
     name: &'a str,
     includes: Vec<String>,
+    /// Include directories, the architecture's `asm/` directory excluded (it is added per architecture).
     dirs: Vec<PathBuf>,
+    /// The `usr/include` holding one `asm/` directory per architecture (`<multiarch>/asm`).
+    include: PathBuf,
 }
 
-/// Compiles a C program from the same headers printing every constant and size, and compares.
-/// Returns (constants checked, sizes checked).
-fn c_oracle(oracle: &Oracle<'_>, src: &str, ioctls: &[String]) -> Result<(usize, usize)> {
-    let consts = rust_consts(src);
-    let sizes = rust_sizes(src);
+/// Compiles and runs a C program, `body` being the statements of `main`, against `oracle`'s headers
+/// with the `asm/` directory of `arch` (a multiarch directory of [`ARCHES`]); returns its output.
+fn run_c(oracle: &Oracle<'_>, arch: &str, body: &str) -> Result<String> {
     let dir = cache_dir().join("oracle");
     std::fs::create_dir_all(&dir)?;
     let mut c = String::new();
@@ -319,29 +393,84 @@ fn c_oracle(oracle: &Oracle<'_>, src: &str, ioctls: &[String]) -> Result<(usize,
     for h in &oracle.includes {
         writeln!(c, "#include <{h}>")?;
     }
-    c.push_str("int main(void) {\n");
-    for name in consts.keys() {
-        writeln!(c, "  printf(\"%s %llu\\n\", \"{name}\", (unsigned long long)({name}));")?;
-    }
-    for ty in sizes.keys() {
-        writeln!(c, "  printf(\"sizeof(%s) %llu\\n\", \"{ty}\", (unsigned long long)sizeof({ty}));")?;
-    }
-    c.push_str("  return 0;\n}\n");
-    let c_path = dir.join(format!("{}.c", oracle.name));
-    let bin = dir.join(oracle.name);
+    writeln!(c, "int main(void) {{\n{body}  return 0;\n}}")?;
+    let stem = format!("{}-{arch}", oracle.name);
+    let c_path = dir.join(format!("{stem}.c"));
+    let bin = dir.join(&stem);
     std::fs::write(&c_path, c)?;
     // The program's own <stdio.h> comes from the host; the uAPI headers from the pinned package first.
+    // asm/ioctl.h is plain preprocessor arithmetic, so the host compiler evaluates any architecture's.
     let mut cc = Command::new("cc");
     cc.arg("-o").arg(&bin);
     for d in &oracle.dirs {
         cc.arg(format!("-I{}", d.display()));
     }
+    cc.arg(format!("-I{}", oracle.include.join(arch).display()));
     run(cc.arg(&c_path))?;
     let out = Command::new(&bin).output()?;
     if !out.status.success() {
-        return Err(format!("C oracle {} failed to run", oracle.name).into());
+        return Err(format!("C oracle {stem} failed to run").into());
     }
-    let text = String::from_utf8(out.stdout)?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Checks every request number of generated source, evaluated with each architecture's encoding of
+/// [`ARCHES`], against a C program compiled with that architecture's `asm/ioctl.h`. Returns the number
+/// of architectures checked.
+fn arch_oracle(oracle: &Oracle<'_>, src: &str, ioctls: &[String]) -> Result<usize> {
+    let requests: BTreeMap<String, (u32, u32)> = src
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.strip_prefix("pub const ")?.split_once(": u32 = ")?;
+            Some((name.to_string(), parse_io(value.strip_suffix(';')?)?))
+        })
+        .collect();
+    let mut body = String::new();
+    for name in ioctls {
+        writeln!(body, "  printf(\"%s %llu\\n\", \"{name}\", (unsigned long long)({name}));")?;
+    }
+    let mut bad = Vec::new();
+    for &(arch, none, dir_shift) in ARCHES {
+        if !oracle.include.join(arch).join("asm/ioctl.h").exists() {
+            return Err(format!("{HEADERS_PACKAGE} {HEADERS_VERSION} has no {arch}/asm/ioctl.h").into());
+        }
+        let text = run_c(oracle, arch, &body)?;
+        for line in text.lines() {
+            let (name, value) = line.rsplit_once(' ').ok_or("bad oracle line")?;
+            let c_value: u64 = value.parse()?;
+            let (ty, nr) =
+                requests.get(name).ok_or_else(|| format!("{name} is not emitted as _IO(type, nr)"))?;
+            let rust = io_request(none, dir_shift, *ty, *nr);
+            if rust != c_value {
+                bad.push(format!("{arch}: {name}: _IO({ty:#x}, {nr:#x}) = {rust:#x} != C {c_value:#x}"));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        return Err(format!(
+            "{} differs from the per-architecture C oracle:\n{}",
+            oracle.name,
+            bad.join("\n")
+        )
+        .into());
+    }
+    Ok(ARCHES.len())
+}
+
+/// Compiles a C program from the same headers printing every constant and size, and compares.
+/// Returns (constants checked, sizes checked).
+fn c_oracle(oracle: &Oracle<'_>, src: &str, ioctls: &[String]) -> Result<(usize, usize)> {
+    let consts = rust_consts(src);
+    let sizes = rust_sizes(src);
+    let mut body = String::new();
+    for name in consts.keys() {
+        writeln!(body, "  printf(\"%s %llu\\n\", \"{name}\", (unsigned long long)({name}));")?;
+    }
+    for ty in sizes.keys() {
+        writeln!(body, "  printf(\"sizeof(%s) %llu\\n\", \"{ty}\", (unsigned long long)sizeof({ty}));")?;
+    }
+    // The layouts bindgen generated for (x86_64), and the request numbers as x86_64 encodes them.
+    let text = run_c(oracle, "x86_64-linux-gnu", &body)?;
     let (mut checked, mut sized) = (0, 0);
     let mut bad = Vec::new();
     for line in text.lines() {
@@ -386,20 +515,21 @@ fn generate_checked() -> Result<(String, String)> {
         ],
     )?;
     let include = headers()?;
-    let asm_include = include.join("x86_64-linux-gnu");
 
-    let src = generate(&include)?;
     let ioctls = ioctl_macros(&HEADERS.iter().map(|h| include.join(h)).collect::<Vec<_>>())?;
+    let src = generate(&include, &ioctls)?;
     let oracle = Oracle {
         name: "bindings",
         includes: HEADERS.iter().map(|h| h.to_string()).collect(),
-        dirs: vec![include.clone(), asm_include.clone()],
+        dirs: vec![include.clone()],
+        include: include.clone(),
     };
     let (checked, sized) = c_oracle(&oracle, &src, &ioctls)?;
+    let arches = arch_oracle(&oracle, &src, &ioctls)?;
     let iommu = ioctls.iter().filter(|n| n.starts_with("IOMMU_")).count();
     eprintln!(
         "gen-sys: bindings.rs: {} ioctl request numbers ({iommu} IOMMU_*), {checked} constants and {sized} \
-         struct sizes equal to the C oracle",
+         struct sizes equal to the C oracle; request numbers equal on {arches} architectures",
         ioctls.len()
     );
     if iommu != 22 {
@@ -407,17 +537,19 @@ fn generate_checked() -> Result<(String, String)> {
     }
 
     let source = test_header_root()?;
-    let testing = generate_testing(&include, &source)?;
     let ioctls = ioctl_macros(&[source.join(TEST_HEADER)])?;
+    let testing = generate_testing(&include, &source, &ioctls)?;
     let oracle = Oracle {
         name: "testing",
         includes: vec!["linux/iommufd.h".to_string(), TEST_HEADER.to_string()],
-        dirs: vec![source.clone(), include.clone(), asm_include],
+        dirs: vec![source.clone(), include.clone()],
+        include: include.clone(),
     };
     let (checked, sized) = c_oracle(&oracle, &testing, &ioctls)?;
+    let arches = arch_oracle(&oracle, &testing, &ioctls)?;
     eprintln!(
         "gen-sys: testing.rs: {} ioctl request number(s), {checked} constants and {sized} struct sizes equal \
-         to the C oracle",
+         to the C oracle; request numbers equal on {arches} architectures",
         ioctls.len()
     );
     if ioctls != ["IOMMU_TEST_CMD"] {
@@ -426,16 +558,34 @@ fn generate_checked() -> Result<(String, String)> {
     Ok((src, testing))
 }
 
+/// `sys/README.md` names the pinned kernel, headers package and bindgen versions: after a version bump it
+/// must be updated with the generated files.
+fn check_readme_pins() -> Result<()> {
+    let path = workspace_root().join("sys/README.md");
+    let readme = std::fs::read_to_string(&path)?;
+    let stale: Vec<&str> = [KERNEL_VERSION, HEADERS_VERSION, BINDGEN_VERSION]
+        .into_iter()
+        .filter(|v| !readme.contains(v))
+        .collect();
+    if !stale.is_empty() {
+        return Err(
+            format!("{} does not name the pinned version(s) {stale:?}: update it", path.display()).into()
+        );
+    }
+    Ok(())
+}
+
 pub fn gen_sys() -> Result<()> {
     let (bindings, testing) = generate_checked()?;
     for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
         std::fs::write(&path, src)?;
         eprintln!("gen-sys: wrote {}", path.display());
     }
-    Ok(())
+    check_readme_pins()
 }
 
 pub fn check_sys() -> Result<()> {
+    check_readme_pins()?;
     let (bindings, testing) = generate_checked()?;
     let mut stale = Vec::new();
     for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
