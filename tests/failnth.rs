@@ -4,8 +4,8 @@
 //! `fail_iommufd` points).
 //!
 //! For n = 1, 2, ... the sequence runs with the n-th failure point armed (only while an SDK call of
-//! the sequence runs), until a run passes every point without reaching the n-th: n - 1 is then the
-//! number of injection points the sequence has. After every run, whatever it returned:
+//! the sequence runs), until a run passes every point without reaching the n-th: the points that run
+//! passed are the injection points the sequence has. After every run, whatever it returned:
 //!
 //! - nothing panicked, and every failure came from a call during which the injected fault fired;
 //! - with every handle dropped, each kernel object id the run recorded is gone (`IOMMU_DESTROY`
@@ -14,9 +14,9 @@
 //! - no page stays pinned (the mock's `check_refs` on the memfd pages the sequence maps and on the
 //!   buffer, when the run got it back);
 //!
-//! and a clean run of the sequence right after each faulted one succeeds and passes the same checks. The number of points each sequence hit
-//! is printed (it shows in the VM console), and must be above a floor that proves the injection
-//! reached the kernel paths behind the calls.
+//! and a clean run of the sequence right after each faulted one succeeds and passes the same checks.
+//! The number of points each sequence hit is printed (it shows in the VM console), and must be above a
+//! floor that proves the injection reached the kernel paths behind the calls.
 //!
 //! Build with `--features testing`; the tests need `/dev/iommu` from a kernel with
 //! `CONFIG_IOMMUFD_TEST` and `CONFIG_FAULT_INJECTION_DEBUG_FS`, so they are ignored on the host and
@@ -32,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use iommufd::testing::{self, MockDevice, PageRequest};
+use iommufd::testing::{self, MockAccess, MockDevice, PageRequest};
 use iommufd::{
     Access, DmaBuffer, Errno, Error, FaultPerm, FaultQueue, Hwpt, HwptFlags, Iommufd, Iova, PageResponse,
     ResponseCode, Vdevice, Veventq, VfioDevice, Viommu, page_size,
@@ -43,6 +43,8 @@ use iommufd::{
 const MAX_POINTS: u32 = 400;
 /// The mock sequence must pass more injection points than this, or injection did not work.
 const MOCK_MIN_POINTS: u32 = 10;
+/// The access sequence must pass more injection points than this.
+const ACCESS_MIN_POINTS: u32 = 10;
 /// The edu sequence must pass more injection points than this.
 const EDU_MIN_POINTS: u32 = 5;
 /// Pages of the `DmaBuffer` each sequence maps.
@@ -450,6 +452,56 @@ fn mock_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Result
     Ok(())
 }
 
+/// open, IOAS, map, mock device, an emulated device's access that pins pages and copies through the
+/// fast and slow paths, unmap under a pin, teardown.
+fn access_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Result<()> {
+    let len = BUF_PAGES * page_size();
+    let iommufd = nth.call("Iommufd::open", Iommufd::open)?;
+    run.iommufd = Some(iommufd.clone());
+    let ioas = nth.call("alloc_ioas", || iommufd.alloc_ioas())?;
+    run.id("IOAS", ioas.id());
+    let dev = nth.call("MockDevice::new", || MockDevice::new(&ioas))?;
+    run.id("mock device", dev.id());
+    run.id("automatic domain", dev.hwpt_id());
+    let mut buffer = nth.call("DmaBuffer::new", || DmaBuffer::new(len))?;
+    buffer.as_mut_slice().fill(0x3c);
+    let buffer_va = buffer.as_slice().as_ptr();
+    let mapping = nth.call("Ioas::map", || ioas.map(buffer, Iova::Auto, Access::READ_WRITE))?;
+    let file_len = (MEMFD_PAGES * page_size()) as u64;
+    let file_mapping = nth.call("Ioas::map_file", || {
+        ioas.map_file(env.memfd.as_fd(), 0, file_len, Iova::Auto, Access::READ_WRITE)
+    })?;
+
+    let mut access = nth.call("MockAccess::with_pinning", || MockAccess::with_pinning(&ioas))?;
+    let pin = nth.call("MockAccess::pin_pages_checked", || {
+        access.pin_pages_checked(mapping.iova(), len as u64, Access::READ_WRITE, buffer_va)
+    })?;
+    nth.call("MockAccess::unpin_pages", || access.unpin_pages(pin))?;
+    let data = [0xa5u8; 100];
+    let mut back = [0u8; 100];
+    // Across a page boundary, both kernel paths.
+    let at = mapping.iova() + page_size() as u64 - 10;
+    for slow in [false, true] {
+        access.set_slow_path(slow);
+        nth.call("MockAccess::write", || access.write(at, &data))?;
+        nth.call("MockAccess::read", || access.read(at, &mut back))?;
+    }
+    if nth.outcome.fired_in.is_none() {
+        nth.unarmed("access copy", || check(back == data, format!("read back {back:?}")))?;
+    }
+    // Unmapping a pinned range makes the kernel ask the access to unpin first.
+    let _file_pin = nth.call("MockAccess::pin_pages(file)", || {
+        access.pin_pages(file_mapping.iova(), file_len, Access::READ)
+    })?;
+    nth.call("Mapping::unmap(map_file, pinned)", || closed(file_mapping.unmap()))?;
+    let back = nth.call("Mapping::unmap(buffer)", || closed(mapping.unmap()))?;
+    run.buffer = Some(back.expect("no copy: the buffer comes back"));
+    drop(access);
+    nth.call("MockDevice::close", || closed(dev.close()))?;
+    nth.call("Ioas::destroy", || closed(ioas.destroy()))?;
+    Ok(())
+}
+
 /// open -> open the edu cdev -> bind -> IOAS -> attach -> map -> unmap -> detach -> close (bind and
 /// close unarmed, see below).
 fn edu_sequence(nth: &mut FailNth, run: &mut Run, _env: &Env) -> iommufd::Result<()> {
@@ -640,6 +692,12 @@ fn sweep(name: &str, sequence: Sequence, min_points: u32) -> u32 {
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST and fault injection: run by cargo xtask vm-test"]
 fn fail_nth_sweep_mock_sequence() {
     sweep("mock", mock_sequence, MOCK_MIN_POINTS);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST and fault injection: run by cargo xtask vm-test"]
+fn fail_nth_sweep_access_sequence() {
+    sweep("access", access_sequence, ACCESS_MIN_POINTS);
 }
 
 #[test]

@@ -6,8 +6,9 @@
 //! - the SDK's result (success, refusal before the ioctl, or the kernel's errno) must be the one the
 //!   model predicts, and so must the IOVA an automatic placement picks and the bytes an unmap reports;
 //! - after every operation, each area of the model must translate to its memory in the mock domain
-//!   (`check_map`), the IOVAs of areas the operation removed and random IOVAs the model says are free
-//!   must not be reachable by an emulated device (`MockAccess`), and after changes of allowed or
+//!   (`check_map`); areas the operation removed must no longer translate to their memory
+//!   (`check_map` fails), and neither their IOVAs nor random IOVAs the model says are free may be
+//!   reachable by an emulated device (`MockAccess`); after changes of allowed or
 //!   reserved ranges or of the huge-page option, `IOMMU_IOAS_IOVA_RANGES` must report what the model
 //!   holds.
 //!
@@ -388,6 +389,8 @@ struct Harness {
     next_buffer: usize,
     /// Addresses of buffers whose memory a leaked guard keeps forever, for the pin check at the end.
     leaked_buffers: Vec<(usize, usize)>,
+    /// Buffers the last operation got back, alive until the checks after it.
+    returned: Vec<DmaBuffer>,
     model: Model,
     log: Vec<String>,
     seed: u64,
@@ -422,6 +425,7 @@ impl Harness {
             buffers: HashMap::new(),
             next_buffer: 0,
             leaked_buffers: Vec::new(),
+            returned: Vec::new(),
             model,
             log: Vec::new(),
             seed,
@@ -853,6 +857,9 @@ impl Harness {
                                     format!("unmap gave the buffer back: {}", back.is_some()),
                                 );
                             }
+                            // Kept until the checks after this operation, so its pages can be
+                            // looked up there.
+                            self.returned.extend(back);
                         }
                     }
                     Guard::File(m) => {
@@ -966,6 +973,15 @@ impl Harness {
             }
         }
         for area in removed {
+            // The domain no longer translates the range to the area's memory (which still exists:
+            // file pages, memory a leaked or live guard holds, or a buffer just given back).
+            let r = testing::check_map(&self.iommufd, hwpt, area.iova, self.va_of(area), area.len as usize);
+            if class(&r) != Class::Errno(Errno::INVAL) {
+                self.diverged(
+                    step,
+                    format!("removed area {:#x}+{:#x}: check_map gives {r:?}", area.iova, area.len),
+                );
+            }
             for iova in [area.iova, area.last()] {
                 let got = class(&self.access.read(iova, &mut [0u8; 1]));
                 if got != Class::Errno(Errno::NOENT) {
@@ -1054,6 +1070,7 @@ fn model_random_operation_sequences() {
             let op = h.random_op(&mut rng);
             let removed = h.apply(step, &op);
             h.verify(step, &op, &removed, &mut rng);
+            h.returned.clear();
             let name = match op {
                 Op::MapBuffer { .. } => "map",
                 Op::MapFile { .. } => "map_file",
