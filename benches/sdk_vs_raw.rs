@@ -301,6 +301,7 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
                 t.elapsed()
             }),
             raw: Box::new(move || {
+                let _keep = &raw_ioas; // the raw side's IOAS lives as long as its closure
                 let t = Instant::now();
                 let iovas: Vec<u64> = (0..N)
                     .map(|i| raw_map(&raw_fd, raw_id, base + (i * page) as u64, page as u64, None))
@@ -339,6 +340,7 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
                 t.elapsed()
             }),
             raw: Box::new(move || {
+                let _keep = &raw_ioas; // the raw side's IOAS lives as long as its closure
                 let t = Instant::now();
                 for i in 0..N {
                     raw_map_file(&raw_fd, raw_id, &raw_file, i * p, p, Some(base + i * p));
