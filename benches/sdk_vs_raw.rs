@@ -314,13 +314,14 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
         });
     }
 
-    // 100,000 mappings of one file (no VMA per mapping): the SDK places them itself (Iova::Below,
-    // O(log n) a map); the raw side gives fixed consecutive IOVAs, the cheapest the kernel offers.
+    // 100,000 mappings of one anonymous region (not one VMA per mapping, which the kernel's map
+    // count limit forbids): the SDK places them itself (Iova::Below, O(log n) a map; the memory is
+    // `map_user`, which is what a VMM does with guest RAM); the raw side gives fixed consecutive
+    // IOVAs, the cheapest placement the kernel offers. No domain: the kernel pins nothing.
     {
         const N: u64 = 100_000;
         let p = page as u64;
-        let file = memfd(N * p);
-        let raw_file = file.try_clone().unwrap();
+        let region = raw_buffer((N * p) as usize);
         let ioas = fd.alloc_ioas().unwrap();
         let raw_ioas = fd.alloc_ioas().unwrap();
         let (raw_fd, raw_id) = (fd.clone(), raw_ioas.id());
@@ -333,7 +334,11 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
                 let t = Instant::now();
                 let maps: Vec<_> = (0..N)
                     .map(|i| {
-                        ioas.map_file(file.as_fd(), i * p, p, Iova::Below(u64::MAX), Access::READ).unwrap()
+                        let va = (region + i * p) as *mut u8;
+                        // SAFETY: the region is never freed or touched by the bench, and no reference
+                        // to it exists; every mapping of it is dropped (unmapped) below.
+                        unsafe { ioas.map_user(va, p as usize, Iova::Below(u64::MAX), Access::READ_WRITE) }
+                            .unwrap()
                     })
                     .collect();
                 drop(maps);
@@ -343,7 +348,7 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
                 let _keep = &raw_ioas; // the raw side's IOAS lives as long as its closure
                 let t = Instant::now();
                 for i in 0..N {
-                    raw_map_file(&raw_fd, raw_id, &raw_file, i * p, p, Some(base + i * p));
+                    raw_map(&raw_fd, raw_id, region + i * p, p, Some(base + i * p));
                 }
                 for i in 0..N {
                     raw_unmap(&raw_fd, raw_id, base + i * p, p);

@@ -146,7 +146,10 @@ impl Drop for Region {
 /// ```
 #[derive(Debug)]
 pub struct DmaBuffer {
-    region: Region,
+    /// Shared with nobody while the caller holds the buffer: a mapping (and its copies) share it while
+    /// mapped, and it comes back as a `DmaBuffer` only once they are all gone. Allocated once, so a
+    /// map and unmap of the same buffer allocate nothing.
+    region: Arc<Region>,
 }
 
 impl DmaBuffer {
@@ -159,7 +162,7 @@ impl DmaBuffer {
         let rounded = len
             .checked_next_multiple_of(page)
             .ok_or_else(|| Error::invalid("DmaBuffer::new", format!("length {len:#x} overflows")))?;
-        Ok(DmaBuffer { region: Region::new(rounded)? })
+        Ok(DmaBuffer { region: Arc::new(Region::new(rounded)?) })
     }
 
     /// Length in bytes (a multiple of the page size).
@@ -174,8 +177,9 @@ impl DmaBuffer {
 
     /// The bytes. No device can reach them while the caller holds the buffer.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the region is `len` readable bytes owned by `self`; it is not mapped for DMA (mapping
-        // consumes the buffer), so nothing else writes it during the borrow.
+        // SAFETY: the region is `len` readable bytes owned by `self` alone (no mapping shares the `Arc`
+        // while a `DmaBuffer` exists); it is not mapped for DMA (mapping consumes the buffer), so
+        // nothing else writes it during the borrow.
         unsafe { std::slice::from_raw_parts(self.region.ptr.as_ptr(), self.region.len) }
     }
 
@@ -231,8 +235,12 @@ impl Memory for DmaBuffer {
     /// The buffer, unless a copy of the mapping in another IOAS still shares it (then `None`: the
     /// memory is freed when the last copy is unmapped).
     type Unmapped = Option<DmaBuffer>;
-    fn release(held: Arc<Region>) -> Option<DmaBuffer> {
-        Arc::try_unwrap(held).ok().map(|region| DmaBuffer { region })
+    fn release(mut held: Arc<Region>) -> Option<DmaBuffer> {
+        // `get_mut` succeeds only for the last reference (no other copy's guard holds the region), and
+        // a concurrent last release on another thread then sees a count of 1 only after this one has
+        // dropped its reference: exactly one of them gets the buffer, or, if both drop together,
+        // nobody does and the region is freed.
+        if Arc::get_mut(&mut held).is_some() { Some(DmaBuffer { region: held }) } else { None }
     }
 }
 
@@ -258,7 +266,7 @@ impl Memory for UserMemory {
 }
 
 pub(crate) fn dma_region(buffer: DmaBuffer) -> Arc<Region> {
-    Arc::new(buffer.region)
+    buffer.region
 }
 
 /// Copy out of device-visible memory, with relaxed atomic loads (8 bytes at a time where aligned).
