@@ -11,7 +11,9 @@
 //!   refers to the crate root (`use crate::*;`).
 //!
 //! Both packages are downloaded into the cache (never installed, never committed). bindgen runs with the
-//! options recorded in each generated file's header; a C program compiled from the same headers then checks
+//! options recorded in each generated file's header, configured in `sys/gen/options.rs`, which the
+//! `iommufd-sys` build script includes too (its feature `bindgen` regenerates `bindings.rs` at build
+//! time): both generators share one definition. A C program compiled from the same headers then checks
 //! every integer constant (ioctl request numbers included) and every named struct's size.
 //!
 //! Ioctl request numbers depend on the architecture (`asm/ioctl.h`: powerpc, mips and sparc encode the
