@@ -13,6 +13,11 @@
 //! number against a C program compiled from the same headers, for x86_64 and for each architecture's
 //! `asm/ioctl.h`; this crate's tests recompute them by formula and with `rustix::ioctl::opcode`.
 //!
+//! With the non-default feature `bindgen`, the build script regenerates the bindings instead, with the
+//! same generator options, from the kernel headers of the include directory named by the environment
+//! variable `IOMMUFD_SYS_HEADERS` (default: the system's `/usr/include`). That needs libclang, and
+//! headers at least as new as the pinned ones for the `iommufd` crate to build on them.
+//!
 //! VFIO request numbers are unique only per file type: `VFIO_DEVICE_BIND_IOMMUFD` equals
 //! `VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY`, a container ioctl. Issue each only on the fd type it is
 //! defined for.
@@ -136,7 +141,12 @@ pub const fn _IO(ty: u32, nr: u32) -> u32 {
     _IOC(_IOC_NONE, ty, nr, 0)
 }
 
+// The committed bindings, or with feature `bindgen` those build.rs generated from the build machine's
+// kernel headers (same generator options; identical for the pinned headers).
+#[cfg(not(feature = "bindgen"))]
 include!("bindings.rs");
+#[cfg(feature = "bindgen")]
+include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 
 // Known request numbers, worked out by hand from each architecture's `asm/ioctl.h`, checked at
 // compile time for every target this crate is built for.

@@ -39,6 +39,8 @@ fn usage() -> String {
 usage: cargo xtask <task>
   gen-sys     regenerate sys/src/bindings.rs from the pinned uAPI headers (needs libclang)
   check-sys   regenerate into the cache and fail if the committed bindings differ (drift check)
+  sys-headers print the pinned uAPI headers' include directory (unpacked into the cache, libclang
+              installed): the IOMMUFD_SYS_HEADERS of builds with iommufd-sys's feature `bindgen`
   kernel      build (or reuse the cached) test-VM kernel from Debian's pinned linux-source; prints its path
   vm-test [--iommu intel|virtio|both] [--timeout SECS] [-v] [-- ARGS]
               run tests/*.rs (and examples/edu_dma) inside QEMU VMs booting that kernel, under intel-iommu
@@ -47,7 +49,8 @@ usage: cargo xtask <task>
               a VM that times out fails the run
   test [--host-only]
               every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
-              /dev/iommu are ignored there), then the VM suite (vm-test)
+              /dev/iommu are ignored there; all features, so with IOMMUFD_SYS_HEADERS unset the pinned
+              headers are used for feature `bindgen`), then the VM suite (vm-test)
   hw-test --device ADDR [--bind] [-- ARGS]
               run the device-generic tests (ioas, device, raii) against the real PCI device ADDR, which
               must be bound to vfio-pci (--bind rebinds it, detaching it from its current driver)
@@ -66,12 +69,13 @@ usage: cargo xtask <task>
 fn test(args: &[String]) -> Result<()> {
     let host_only = args.iter().any(|a| a == "--host-only");
     eprintln!("== host tests (cargo test --workspace --all-features)");
-    run(Command::new(env!("CARGO")).current_dir(workspace_root()).args([
-        "test",
-        "--workspace",
-        "--all-features",
-        "--locked",
-    ]))?;
+    let mut cargo = Command::new(env!("CARGO"));
+    // `--all-features` includes iommufd-sys's `bindgen`: unless told otherwise, generate from the
+    // pinned headers (the committed bindings' own).
+    if std::env::var_os(sys::HEADERS_VAR).is_none() {
+        cargo.env(sys::HEADERS_VAR, sys::bindgen_headers()?);
+    }
+    run(cargo.current_dir(workspace_root()).args(["test", "--workspace", "--all-features", "--locked"]))?;
     if host_only {
         return Ok(());
     }
@@ -84,6 +88,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("gen-sys") => sys::gen_sys(),
         Some("check-sys") => sys::check_sys(),
+        Some("sys-headers") => sys::sys_headers(),
         Some("kernel") => kernel::kernel(),
         Some("vm-test") => vm::vm_test(&args[1..]),
         Some("vm-demo") => vm::vm_demo(&args[1..]),

@@ -11,7 +11,9 @@
 //!   refers to the crate root (`use crate::*;`).
 //!
 //! Both packages are downloaded into the cache (never installed, never committed). bindgen runs with the
-//! options recorded in each generated file's header; a C program compiled from the same headers then checks
+//! options recorded in each generated file's header, configured in `sys/gen/options.rs`, which the
+//! `iommufd-sys` build script includes too (its feature `bindgen` regenerates `bindings.rs` at build
+//! time): both generators share one definition. A C program compiled from the same headers then checks
 //! every integer constant (ioctl request numbers included) and every named struct's size.
 //!
 //! Ioctl request numbers depend on the architecture (`asm/ioctl.h`: powerpc, mips and sparc encode the
@@ -37,23 +39,20 @@ pub const KERNEL_VERSION: &str = "7.3.4";
 /// The bindgen version the generator is pinned to (Cargo.toml pins the same with `=`).
 pub const BINDGEN_VERSION: &str = "0.73.2";
 
-/// The headers bound, relative to `usr/include`.
-const HEADERS: &[&str] = &["linux/iommufd.h", "linux/vfio.h"];
+/// The generator options of `bindings.rs` (and the builder `testing.rs` shares), also used by the
+/// `iommufd-sys` build script (feature `bindgen`): one definition for both generators.
+mod options {
+    include!("../../sys/gen/options.rs");
+}
+use options::{HEADERS, OPTIONS};
+
+/// Where bindgen's wrapper headers and `clang_macro_fallback` scratch files go.
+fn macro_fallback_dir() -> PathBuf {
+    cache_dir().join("bindgen-macro-fallback")
+}
 
 /// The mock IOMMU's header, relative to the top of the kernel source tree.
 const TEST_HEADER: &str = "drivers/iommu/iommufd/iommufd_test.h";
-
-/// The bindgen options, recorded verbatim in the generated file.
-const OPTIONS: &[&str] = &[
-    "target x86_64-unknown-linux-gnu (the 64-bit layout, identical on aarch64/riscv64/ppc64le/s390x)",
-    "allowlist: iommu_*, iommufd_*, vfio_*, IOMMU*, VFIO* and what they reference",
-    "use_core, ctypes_prefix ::core::ffi",
-    "prepend_enum_name(false), default enum style (consts + type alias)",
-    "derive Default, Debug, Copy, Clone; layout tests (compile-time asserts)",
-    "clang_macro_fallback (ioctl request numbers from _IO macros)",
-    "ioctl request numbers emitted as _IO(type, nr), evaluated per target architecture by iommufd-sys",
-    "kernel-doc comments kept, fenced as ```text so they never run as doctests",
-];
 
 /// The bindgen options of `testing.rs`, recorded verbatim in that file.
 const TEST_OPTIONS: &[&str] = &[
@@ -90,45 +89,12 @@ fn io_request(none: u32, dir_shift: u32, ty: u32, nr: u32) -> u64 {
     u64::from(none << dir_shift | ty << 8 | nr)
 }
 
-/// The `(type, nr)` of a `_IO(0xTT, 0xNN)` expression as [`emit_requests`] writes it.
+/// The `(type, nr)` of a `_IO(0xTT, 0xNN)` expression as [`options::emit_requests`] writes it.
 fn parse_io(value: &str) -> Option<(u32, u32)> {
     let args = value.strip_prefix("_IO(")?.strip_suffix(')')?;
     let (ty, nr) = args.split_once(',')?;
     let hex = |s: &str| u32::from_str_radix(s.trim().strip_prefix("0x")?, 16).ok();
     Some((hex(ty)?, hex(nr)?))
-}
-
-/// Rewrites bindgen's `pub const NAME: u32 = <x86_64 number>;` for every request in `ioctls` as
-/// `pub const NAME: u32 = _IO(0xTT, 0xNN);`. bindgen evaluated the macro for x86_64, whose `_IO` has
-/// direction 0 and size 0, so the number is `type << 8 | nr`; anything else is an error.
-fn emit_requests(src: &str, ioctls: &[String]) -> Result<String> {
-    let mut out = String::with_capacity(src.len());
-    let mut done = Vec::new();
-    for line in src.split_inclusive('\n') {
-        let request = line.strip_prefix("pub const ").and_then(|rest| {
-            let (name, value) = rest.split_once(": u32 = ")?;
-            let value = value.trim_end().strip_suffix(';')?;
-            ioctls.contains(&name.to_string()).then_some((name, value))
-        });
-        let Some((name, value)) = request else {
-            out.push_str(line);
-            continue;
-        };
-        let number: u32 =
-            value.parse().map_err(|_| format!("{name}: request number {value:?} is not a u32"))?;
-        if number >> 16 != 0 {
-            return Err(
-                format!("{name} = {number:#x} is not an x86_64 _IO request (direction or size set)").into()
-            );
-        }
-        writeln!(out, "pub const {name}: u32 = _IO({:#x}, {:#x});", number >> 8, number & 0xff)?;
-        done.push(name.to_string());
-    }
-    let missing: Vec<_> = ioctls.iter().filter(|n| !done.contains(n)).collect();
-    if !missing.is_empty() {
-        return Err(format!("ioctl request numbers not emitted as `pub const NAME: u32`: {missing:?}").into());
-    }
-    Ok(out)
 }
 
 pub fn generated_path() -> PathBuf {
@@ -144,6 +110,25 @@ fn headers() -> Result<PathBuf> {
     let apt = Apt::new()?;
     let dir = apt.unpack(HEADERS_PACKAGE, HEADERS_VERSION, &format!("headers-{HEADERS_VERSION}"))?;
     Ok(dir.join("usr/include"))
+}
+
+/// The variable naming the include directory `iommufd-sys`'s build script generates from (feature
+/// `bindgen`).
+pub const HEADERS_VAR: &str = "IOMMUFD_SYS_HEADERS";
+
+/// What a build with feature `bindgen` needs (`--all-features` builds included): libclang installed,
+/// and the pinned headers unpacked. Returns their include directory, the value for [`HEADERS_VAR`]:
+/// generated from them, the bindings equal the committed ones.
+pub fn bindgen_headers() -> Result<PathBuf> {
+    crate::host::ensure("iommufd-sys's feature `bindgen`", &[crate::host::Pkg::plain("libclang-dev")])?;
+    headers()
+}
+
+/// `cargo xtask sys-headers`: prints the pinned headers' include directory, after making sure that it
+/// and libclang are there (`export IOMMUFD_SYS_HEADERS=$(cargo xtask sys-headers)`).
+pub fn sys_headers() -> Result<()> {
+    println!("{}", bindgen_headers()?.display());
+    Ok(())
 }
 
 /// Extracts [`TEST_HEADER`] alone from the pinned kernel source package (once) and returns the directory
@@ -176,21 +161,6 @@ fn test_header_root() -> Result<PathBuf> {
     Ok(root)
 }
 
-#[derive(Debug)]
-struct FenceComments;
-
-impl bindgen::callbacks::ParseCallbacks for FenceComments {
-    fn process_comment(&self, comment: &str) -> Option<String> {
-        let body: Vec<&str> = comment.lines().map(str::trim_end).collect();
-        let body = body.join("\n");
-        let body = body.trim_matches('\n');
-        if body.trim().is_empty() {
-            return Some(String::new());
-        }
-        Some(format!("```text\n{body}\n```"))
-    }
-}
-
 /// The blocklisted `linux/types.h` integers that `testing.rs` takes from the crate root are plain
 /// integers: telling bindgen so lets it derive `Copy`, `Debug`, `Default` and the rest for the structs
 /// that contain them (it assumes nothing of a blocklisted type), and emit C unions as Rust unions.
@@ -208,45 +178,10 @@ impl bindgen::callbacks::ParseCallbacks for PlainIntegers {
     }
 }
 
-/// Writes a wrapper header including `includes` (clang_macro_fallback needs a real file, not in-memory
-/// contents) and returns a builder with the options both generated files share.
-fn builder(name: &str, includes: &[&str], dirs: &[&Path]) -> Result<bindgen::Builder> {
-    let fallback_dir = cache_dir().join("bindgen-macro-fallback");
-    std::fs::create_dir_all(&fallback_dir)?;
-    let wrapper: String = includes.iter().map(|h| format!("#include <{h}>\n")).collect();
-    let wrapper_path = fallback_dir.join(name);
-    std::fs::write(&wrapper_path, &wrapper)?;
-    let mut builder = bindgen::Builder::default()
-        .header(wrapper_path.to_str().ok_or("non-UTF-8 cache path")?)
-        .clang_arg("--target=x86_64-unknown-linux-gnu")
-        .clang_arg("-nostdinc");
-    for dir in dirs {
-        builder = builder.clang_arg(format!("-I{}", dir.display()));
-    }
-    Ok(builder
-        .use_core()
-        .ctypes_prefix("::core::ffi")
-        .prepend_enum_name(false)
-        .derive_default(true)
-        .derive_debug(true)
-        .derive_copy(true)
-        .layout_tests(true)
-        .generate_comments(true)
-        .clang_macro_fallback()
-        .clang_macro_fallback_build_dir(&fallback_dir)
-        .parse_callbacks(Box::new(FenceComments))
-        .formatter(bindgen::Formatter::Prettyplease))
-}
-
 /// Runs bindgen for `bindings.rs` and returns the generated source (with our header).
-fn generate(include: &Path, ioctls: &[String]) -> Result<String> {
+fn generate(include: &Path) -> Result<String> {
     let asm_include = include.join("x86_64-linux-gnu");
-    let bindings = builder("iommufd-sys-wrapper.h", HEADERS, &[include, &asm_include])?
-        .allowlist_type("(iommu|iommufd|vfio)_.*")
-        .allowlist_var("(IOMMU|IOMMUFD|VFIO)_.*")
-        .allowlist_type("(IOMMU|IOMMUFD|VFIO)_.*")
-        .generate()
-        .map_err(|e| format!("bindgen failed: {e}"))?;
+    let body = options::generate_bindings(&macro_fallback_dir(), include, &[&asm_include])?;
     let mut out = String::new();
     writeln!(out, "// Generated by `cargo xtask gen-sys`. Do not edit: regenerate instead.")?;
     writeln!(out, "//")?;
@@ -258,21 +193,25 @@ fn generate(include: &Path, ioctls: &[String]) -> Result<String> {
         writeln!(out, "// option:      {o}")?;
     }
     writeln!(out)?;
-    out.push_str(&emit_requests(&bindings.to_string(), ioctls)?);
+    out.push_str(&body);
     Ok(out)
 }
 
 /// Runs bindgen for `testing.rs` and returns the generated source (with our header).
 fn generate_testing(include: &Path, source: &Path, ioctls: &[String]) -> Result<String> {
     let asm_include = include.join("x86_64-linux-gnu");
-    let bindings =
-        builder("iommufd-sys-testing-wrapper.h", &[TEST_HEADER], &[source, include, &asm_include])?
-            .allowlist_file(".*/iommufd_test\\.h")
-            .blocklist_file(".*/(linux|asm|asm-generic)/.*")
-            .raw_line("use crate::*;")
-            .parse_callbacks(Box::new(PlainIntegers))
-            .generate()
-            .map_err(|e| format!("bindgen failed on {TEST_HEADER}: {e}"))?;
+    let bindings = options::builder(
+        &macro_fallback_dir(),
+        "iommufd-sys-testing-wrapper.h",
+        &[TEST_HEADER],
+        &[source, include, &asm_include],
+    )?
+    .allowlist_file(".*/iommufd_test\\.h")
+    .blocklist_file(".*/(linux|asm|asm-generic)/.*")
+    .raw_line("use crate::*;")
+    .parse_callbacks(Box::new(PlainIntegers))
+    .generate()
+    .map_err(|e| format!("bindgen failed on {TEST_HEADER}: {e}"))?;
     let mut out = String::new();
     writeln!(out, "// Generated by `cargo xtask gen-sys`. Do not edit: regenerate instead.")?;
     writeln!(out, "//")?;
@@ -294,28 +233,8 @@ fn generate_testing(include: &Path, source: &Path, ioctls: &[String]) -> Result<
         writeln!(out, "// option:      {o}")?;
     }
     writeln!(out)?;
-    out.push_str(&emit_requests(&bindings.to_string(), ioctls)?);
+    out.push_str(&options::emit_requests(&bindings.to_string(), ioctls)?);
     Ok(out)
-}
-
-/// Every `#define NAME _IO(...)` in `files`: the ioctl request numbers that must be present.
-fn ioctl_macros(files: &[PathBuf]) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for file in files {
-        // Join backslash-continued lines: some defines wrap before `_IO(`.
-        let text = std::fs::read_to_string(file)?.replace("\\\n", " ");
-        for line in text.lines() {
-            let mut words = line.split_whitespace();
-            if words.next() != Some("#define") {
-                continue;
-            }
-            let (Some(name), Some(value)) = (words.next(), words.next()) else { continue };
-            if value.starts_with("_IO(") {
-                names.push(name.to_string());
-            }
-        }
-    }
-    Ok(names)
 }
 
 /// All `pub const NAME: T = value;` integer constants in generated source.
@@ -516,8 +435,9 @@ fn generate_checked() -> Result<(String, String)> {
     )?;
     let include = headers()?;
 
-    let ioctls = ioctl_macros(&HEADERS.iter().map(|h| include.join(h)).collect::<Vec<_>>())?;
-    let src = generate(&include, &ioctls)?;
+    let files: Vec<PathBuf> = HEADERS.iter().map(|h| include.join(h)).collect();
+    let ioctls = options::ioctl_macros(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
+    let src = generate(&include)?;
     let oracle = Oracle {
         name: "bindings",
         includes: HEADERS.iter().map(|h| h.to_string()).collect(),
@@ -537,7 +457,7 @@ fn generate_checked() -> Result<(String, String)> {
     }
 
     let source = test_header_root()?;
-    let ioctls = ioctl_macros(&[source.join(TEST_HEADER)])?;
+    let ioctls = options::ioctl_macros(&[&source.join(TEST_HEADER)])?;
     let testing = generate_testing(&include, &source, &ioctls)?;
     let oracle = Oracle {
         name: "testing",
