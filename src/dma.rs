@@ -6,8 +6,8 @@
 //! - A [`DmaBuffer`] is plain memory the caller owns: it may be borrowed as `&[u8]`/`&mut [u8]`
 //!   because no device can reach it.
 //! - [`Ioas::map`](crate::Ioas::map) *moves* the buffer into the returned [`Mapping`](crate::Mapping). From then on no
-//!   Rust reference to the bytes exists; [`Mapping::read_at`](crate::Mapping::read_at)/[`Mapping::write_at`](crate::Mapping::write_at) copy with volatile
-//!   accesses. The buffer cannot be dropped, moved out of, or borrowed while mapped because the caller
+//!   Rust reference to the bytes exists; [`Mapping::read_at`](crate::Mapping::read_at)/[`Mapping::write_at`](crate::Mapping::write_at) copy with relaxed
+//!   atomic accesses, well defined while threads and devices use the memory at once. The buffer cannot be dropped, moved out of, or borrowed while mapped because the caller
 //!   no longer has it.
 //! - The memory is released only after the kernel confirms the unmap of every IOVA range that refers to
 //!   it (a [`copy`](crate::Ioas::copy) shares it). If an unmap fails, or the [`Mapping`](crate::Mapping) is
@@ -99,7 +99,7 @@ impl Drop for Region {
 /// let mut buf = DmaBuffer::new(4096)?;
 /// buf.as_mut_slice()[0] = 1; // fine: not mapped yet
 /// let mapping = ioas.map(buf, Iova::Auto, Access::READ_WRITE)?;
-/// mapping.write_at(0, &[2])?; // the one way in while mapped: a volatile copy
+/// mapping.write_at(0, &[2])?; // the one way in while mapped: an atomic copy
 /// let buf = mapping.unmap()?.expect("no copy shares it"); // unmapped: the buffer comes back
 /// assert_eq!(buf.as_slice()[0], 2);
 /// # Ok(()) }
