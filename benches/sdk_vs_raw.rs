@@ -16,7 +16,7 @@ use iommufd::{Access, DmaBuffer, Hwpt, HwptFlags, Ioas, Iommufd, Iova, page_size
 
 /// Rounds per operation (each round times one SDK batch and one raw batch); the operations that take
 /// seconds a batch run [`HEAVY_ROUNDS`].
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 const HEAVY_ROUNDS: usize = 3;
 
 fn main() {
@@ -49,15 +49,19 @@ fn main() {
         "\nSDK vs raw ioctls, {ROUNDS} rounds ({HEAVY_ROUNDS} for the heavy ones), order rotated ({:.0} s in all)",
         started.elapsed().as_secs_f64()
     );
-    println!("{:<44} {:>10} {:>10} {:>8} {:>16}", "operation", "SDK µs", "raw µs", "ratio", "ratio min..max");
+    println!(
+        "{:<44} {:>10} {:>10} {:>10} {:>8} {:>16}",
+        "operation", "SDK µs", "raw µs", "SDK-raw", "ratio", "ratio min..max"
+    );
     for (op, (sdk, raw)) in ops.iter().zip(&results) {
         let mut ratios: Vec<f64> = sdk.iter().zip(raw).map(|(s, r)| s / r).collect();
         ratios.sort_by(f64::total_cmp);
         println!(
-            "{:<44} {:>10.1} {:>10.1} {:>8.3} {:>7.3}..{:<7.3}",
+            "{:<44} {:>10.1} {:>10.1} {:>10.1} {:>8.3} {:>7.3}..{:<7.3}",
             op.name,
             median(sdk),
             median(raw),
+            median(sdk) - median(raw),
             median(&ratios),
             ratios[0],
             ratios[ratios.len() - 1]
@@ -220,16 +224,16 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
     let (f1, f2) = (fd.clone(), fd.clone());
     ops.push(Op {
         name: "IOAS alloc + destroy".into(),
-        iters: 200,
+        iters: 1000,
         rounds: ROUNDS,
-        sdk: Box::new(move || timed(200, || f1.alloc_ioas().unwrap().destroy().unwrap())),
-        raw: Box::new(move || timed(200, || raw_destroy(&f2, raw_alloc_ioas(&f2)))),
+        sdk: Box::new(move || timed(1000, || f1.alloc_ioas().unwrap().destroy().unwrap())),
+        raw: Box::new(move || timed(1000, || raw_destroy(&f2, raw_alloc_ioas(&f2)))),
     });
 
-    ops.push(map_unmap("map + unmap 4 KiB, no domain", fd, false, page, 200));
-    ops.push(map_unmap("map + unmap 2 MiB, no domain", fd, false, 2 << 20, 100));
-    ops.push(map_unmap("map + unmap 4 KiB, mock domain", fd, true, page, 200));
-    ops.push(map_unmap("map + unmap 2 MiB, mock domain", fd, true, 2 << 20, 20));
+    ops.push(map_unmap("map + unmap 4 KiB, no domain", fd, false, page, 1000));
+    ops.push(map_unmap("map + unmap 2 MiB, no domain", fd, false, 2 << 20, 500));
+    ops.push(map_unmap("map + unmap 4 KiB, mock domain", fd, true, page, 1000));
+    ops.push(map_unmap("map + unmap 2 MiB, mock domain", fd, true, 2 << 20, 60));
 
     // map_file + unmap of large files, no domain (the kernel records the range; pinning is deferred).
     for (label, len) in [("256 MiB", 256u64 << 20), ("1 GiB", 1u64 << 30)] {
@@ -239,15 +243,15 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
         let raw_file = file.try_clone().unwrap();
         ops.push(Op {
             name: format!("map_file + unmap {label}, no domain"),
-            iters: 50,
+            iters: 250,
             rounds: ROUNDS,
             sdk: Box::new(move || {
-                timed(50, || {
+                timed(250, || {
                     ioas.map_file(file.as_fd(), 0, len, Iova::Auto, Access::READ).unwrap().unmap().unwrap()
                 })
             }),
             raw: Box::new(move || {
-                timed(50, || {
+                timed(250, || {
                     let iova = raw_map_file(&raw_fd, raw_id, &raw_file, 0, len, None);
                     raw_unmap(&raw_fd, raw_id, iova, len);
                 })
@@ -261,11 +265,11 @@ fn operations(fd: &Iommufd) -> Vec<Op> {
         let (raw_fd, raw_id) = (fd.clone(), ioas.id());
         ops.push(Op {
             name: "mock device attach + detach".into(),
-            iters: 50,
+            iters: 100,
             rounds: ROUNDS,
-            sdk: Box::new(move || timed(50, || MockDevice::new(&ioas).unwrap().close().unwrap())),
+            sdk: Box::new(move || timed(100, || MockDevice::new(&ioas).unwrap().close().unwrap())),
             raw: Box::new(move || {
-                timed(50, || {
+                timed(100, || {
                     let mut cmd = tsys::iommu_test_cmd {
                         size: std::mem::size_of::<tsys::iommu_test_cmd>() as u32,
                         op: tsys::IOMMU_TEST_OP_MOCK_DOMAIN,
