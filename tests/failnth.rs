@@ -286,58 +286,28 @@ impl Run {
     }
 }
 
-/// What every sequence run shares: the memfd it maps and an iommufd for pin checks.
+/// What every sequence run shares: the memfd it maps (mapped shared into this process, so its
+/// pages' pins can be counted) and an iommufd for pin checks.
 struct Env {
-    memfd: std::os::fd::OwnedFd,
-    /// The memfd mapped shared into this process, so its pages' pins can be counted.
-    memfd_va: *mut u8,
+    memfd: common::SharedMemfd,
     checker: Iommufd,
 }
 
 impl Env {
     fn new() -> Env {
-        let len = MEMFD_PAGES * page_size();
-        let memfd =
-            rustix::fs::memfd_create("failnth", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd_create");
-        rustix::fs::ftruncate(&memfd, len as u64).expect("ftruncate memfd");
-        // SAFETY: a fresh shared mapping of the memfd at a kernel-chosen address aliases nothing; it is
-        // unmapped in Drop and only read through raw pointers by the kernel's pin checks.
-        let va = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &memfd,
-                0,
-            )
-        }
-        .expect("mmap memfd")
-        .cast::<u8>();
-        // Populate the file's pages, so the kernel pins pages that exist and check_refs can see them.
-        for page in 0..MEMFD_PAGES {
-            // SAFETY: `va..va+len` is the writable shared mapping created above.
-            unsafe { va.add(page * page_size()).write_volatile(page as u8 + 1) };
-        }
-        Env { memfd, memfd_va: va, checker: Iommufd::open().expect("open /dev/iommu") }
+        // Every page written, so the kernel pins pages that exist and check_refs can see them.
+        let memfd = common::SharedMemfd::new("failnth", MEMFD_PAGES * page_size(), false, page_size());
+        Env { memfd, checker: Iommufd::open().expect("open /dev/iommu") }
     }
 
     fn check_no_pins(&self, run: &Run) -> Result<(), String> {
-        let len = MEMFD_PAGES * page_size();
-        testing::check_refs(&self.checker, self.memfd_va, len, 0)
+        testing::check_refs(&self.checker, self.memfd.va, self.memfd.len, 0)
             .map_err(|e| format!("memfd pages are still pinned: {e}"))?;
         if let Some(buffer) = &run.buffer {
             testing::check_refs(&self.checker, buffer.as_slice().as_ptr(), buffer.len(), 0)
                 .map_err(|e| format!("the returned buffer's pages are still pinned: {e}"))?;
         }
         Ok(())
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // SAFETY: the mapping created in `new`; nothing maps it for DMA any more (every run is over).
-        let _ = unsafe { rustix::mm::munmap(self.memfd_va.cast(), MEMFD_PAGES * page_size()) };
     }
 }
 
@@ -372,7 +342,7 @@ fn mock_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Result
     let mapping = nth.call("Ioas::map", || ioas.map(buffer, Iova::Auto, Access::READ_WRITE))?;
     let file_len = (MEMFD_PAGES * page_size()) as u64;
     let file_mapping = nth.call("Ioas::map_file", || {
-        ioas.map_file(env.memfd.as_fd(), 0, file_len, Iova::Auto, Access::READ_WRITE)
+        ioas.map_file(env.memfd.fd.as_fd(), 0, file_len, Iova::Auto, Access::READ_WRITE)
     })?;
     let copy = nth.call("Ioas::copy", || ioas.copy(&mapping, Iova::Auto, Access::READ))?;
 
@@ -391,7 +361,7 @@ fn mock_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Result
     run.id("nest-parent HWPT", parent.id());
     nth.call("MockDevice::replace(parent)", || dev.replace(&parent))?;
     nth.unarmed("check_map(file)", || {
-        testing::check_map(&iommufd, parent.id(), file_mapping.iova(), env.memfd_va, file_len as usize)
+        testing::check_map(&iommufd, parent.id(), file_mapping.iova(), env.memfd.va, file_len as usize)
     })?;
 
     let faults = nth.call("FaultQueue::alloc", || FaultQueue::alloc(&iommufd))?;
@@ -469,7 +439,7 @@ fn access_sequence(nth: &mut FailNth, run: &mut Run, env: &Env) -> iommufd::Resu
     let mapping = nth.call("Ioas::map", || ioas.map(buffer, Iova::Auto, Access::READ_WRITE))?;
     let file_len = (MEMFD_PAGES * page_size()) as u64;
     let file_mapping = nth.call("Ioas::map_file", || {
-        ioas.map_file(env.memfd.as_fd(), 0, file_len, Iova::Auto, Access::READ_WRITE)
+        ioas.map_file(env.memfd.fd.as_fd(), 0, file_len, Iova::Auto, Access::READ_WRITE)
     })?;
 
     let mut access = nth.call("MockAccess::with_pinning", || MockAccess::with_pinning(&ioas))?;

@@ -21,8 +21,9 @@
 //! `CONFIG_IOMMUFD_TEST`, so each is ignored on the host and run by `cargo xtask vm-test`.
 #![cfg(feature = "testing")]
 
+mod common;
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use iommufd::testing::{self, MockAccess, MockDevice};
@@ -331,50 +332,12 @@ enum Op {
 }
 
 /// The memfd `map_file` maps, mapped shared into this process for `check_map`.
-struct File {
-    fd: OwnedFd,
-    va: *mut u8,
-    len: usize,
-}
+type File = common::SharedMemfd;
 
-impl File {
-    fn new(pages: u64, hugetlb: bool) -> File {
-        let len = (pages * page()) as usize;
-        let mut flags = rustix::fs::MemfdFlags::CLOEXEC;
-        if hugetlb {
-            flags |= rustix::fs::MemfdFlags::HUGETLB;
-        }
-        let fd = rustix::fs::memfd_create("model", flags).expect("memfd_create");
-        rustix::fs::ftruncate(&fd, len as u64).expect("ftruncate memfd");
-        // SAFETY: a fresh shared mapping of the memfd at a kernel-chosen address aliases nothing; it
-        // is unmapped in Drop and written only here, through raw pointers.
-        let va = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }
-        .expect("mmap memfd")
-        .cast::<u8>();
-        let step = if hugetlb { HPAGE as usize } else { page_size() };
-        for off in (0..len).step_by(step) {
-            // SAFETY: inside the writable shared mapping created above; populates the file's pages.
-            unsafe { va.add(off).write_volatile((off / step) as u8 + 1) };
-        }
-        File { fd, va, len }
-    }
-}
-
-impl Drop for File {
-    fn drop(&mut self) {
-        // SAFETY: the mapping created in `new`, unmapped once; the kernel pins the file's pages by
-        // itself, so unmapping this view never frees memory a device can reach.
-        let _ = unsafe { rustix::mm::munmap(self.va.cast(), self.len) };
-    }
+/// A [`File`] of `pages` pages (hugetlb pages if asked), every page written.
+fn memfd_file(pages: u64, hugetlb: bool) -> File {
+    let step = if hugetlb { HPAGE as usize } else { page_size() };
+    common::SharedMemfd::new("model", (pages * page()) as usize, hugetlb, step)
 }
 
 /// The real IOAS and everything the model run holds.
@@ -420,7 +383,7 @@ impl Harness {
             ioas,
             dev,
             access,
-            file: File::new(FILE_PAGES, false),
+            file: memfd_file(FILE_PAGES, false),
             guards: BTreeMap::new(),
             buffers: HashMap::new(),
             next_buffer: 0,
@@ -1182,7 +1145,7 @@ fn unmap_range_removes_only_fully_contained_areas() {
 fn automatic_iova_alignment_follows_length_and_address() {
     let (iommufd, ioas, dev) = mock_ioas();
     let p = page();
-    let file = File::new(16, false);
+    let file = memfd_file(16, false);
     let mut mappings = Vec::new();
     let mut files: Vec<Mapping<FileMemory>> = Vec::new();
     for pages in 1..=10u64 {
@@ -1328,7 +1291,7 @@ fn huge_page_option_changes_the_iova_alignment() {
 fn iova_allocation_for_odd_lengths() {
     let (iommufd, ioas, dev) = mock_ioas();
     let p = page();
-    let file = File::new(32, false);
+    let file = memfd_file(32, false);
     let mut ranges: Vec<IovaRange> = Vec::new();
     let mut keep: Vec<Mapping<FileMemory>> = Vec::new();
     let mut keep_buffers = Vec::new();
@@ -1478,7 +1441,7 @@ fn access_pin_and_rw_sweeps() {
 fn huge_page_backed_mappings_translate_whole() {
     let (iommufd, ioas, dev) = mock_ioas();
     // A hugetlbfs memfd of one 2 MiB page (the VM reserves huge pages at boot).
-    let file = File::new(HPAGE / page(), true);
+    let file = memfd_file(HPAGE / page(), true);
     let f = ioas.map_file(file.fd.as_fd(), 0, HPAGE, Iova::Auto, Access::READ_WRITE).unwrap();
     // Offset 0 and a 2 MiB length: placed on a 2 MiB boundary, so the domain can use a huge IOPTE.
     assert_eq!(f.iova() % HPAGE, 0, "{:#x}", f.iova());

@@ -149,3 +149,50 @@ pub mod logs {
         std::mem::take(&mut *LINES.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
+
+/// A memfd of `len` bytes mapped shared into this process, with every `step` bytes written so the
+/// file's pages exist: `map_file` maps them, and the mock's `check_map`/`check_refs` compare against
+/// `va`. Unmapped on drop (the kernel pins the file's pages itself, so unmapping this view never
+/// frees memory a device can reach).
+pub struct SharedMemfd {
+    pub fd: std::os::fd::OwnedFd,
+    pub va: *mut u8,
+    pub len: usize,
+}
+
+impl SharedMemfd {
+    pub fn new(name: &str, len: usize, hugetlb: bool, step: usize) -> SharedMemfd {
+        let mut flags = rustix::fs::MemfdFlags::CLOEXEC;
+        if hugetlb {
+            flags |= rustix::fs::MemfdFlags::HUGETLB;
+        }
+        let fd = rustix::fs::memfd_create(name, flags).expect("memfd_create");
+        rustix::fs::ftruncate(&fd, len as u64).expect("ftruncate memfd");
+        // SAFETY: a fresh shared mapping of the memfd at a kernel-chosen address aliases nothing; it is
+        // unmapped in Drop and accessed only through raw pointers.
+        let va = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .expect("mmap memfd")
+        .cast::<u8>();
+        for off in (0..len).step_by(step) {
+            // SAFETY: inside the writable shared mapping created above; populates the file's pages.
+            unsafe { va.add(off).write_volatile((off / step) as u8 + 1) };
+        }
+        SharedMemfd { fd, va, len }
+    }
+}
+
+impl Drop for SharedMemfd {
+    fn drop(&mut self) {
+        // SAFETY: the mapping created in `new`, unmapped once.
+        let _ = unsafe { rustix::mm::munmap(self.va.cast(), self.len) };
+    }
+}
