@@ -51,21 +51,20 @@ impl FreeSpace {
         if range.is_empty() {
             return;
         }
-        // The gap starting before `range` may reach into it; later ones start inside it.
-        let mut starts: Vec<u64> = Vec::new();
-        if let Some((&s, &l)) = self.by_start.range(..range.start).next_back() {
-            if l >= range.start {
-                starts.push(s);
+        // Every gap that overlaps the range, from the rightmost down: the one starting last at or
+        // before `range.last`, while it reaches `range.start`. (Usually one: the gap a placement was
+        // cut from.) No allocation.
+        while let Some((&s, &l)) = self.by_start.range(..=range.last).next_back() {
+            if l < range.start {
+                break;
             }
-        }
-        starts.extend(self.by_start.range(range.start..=range.last).map(|(&s, _)| s));
-        for s in starts {
-            let Some(l) = self.remove_gap(s) else { continue };
-            if s < range.start {
-                self.insert_gap(s, range.start - 1);
-            }
+            self.remove_gap(s);
             if l > range.last {
                 self.insert_gap(range.last + 1, l);
+            }
+            if s < range.start {
+                self.insert_gap(s, range.start - 1);
+                break; // gaps are disjoint: nothing further left overlaps
             }
         }
     }
@@ -76,20 +75,15 @@ impl FreeSpace {
             return;
         }
         let (mut start, mut last) = (range.start, range.last);
-        // Absorb every gap that overlaps or touches the range.
-        let lo = start.saturating_sub(1);
-        let mut absorbed: Vec<u64> = Vec::new();
-        if let Some((&s, &l)) = self.by_start.range(..lo).next_back() {
-            if l >= lo {
-                absorbed.push(s);
+        // Absorb, from the rightmost down, every gap that overlaps or touches `[start, last]`. No
+        // allocation.
+        while let Some((&s, &l)) = self.by_start.range(..=last.saturating_add(1)).next_back() {
+            if l.saturating_add(1) < start {
+                break;
             }
-        }
-        absorbed.extend(self.by_start.range(lo..=last.saturating_add(1)).map(|(&s, _)| s));
-        for s in absorbed {
-            if let Some(l) = self.remove_gap(s) {
-                start = start.min(s);
-                last = last.max(l);
-            }
+            self.remove_gap(s);
+            start = start.min(s);
+            last = last.max(l);
         }
         self.insert_gap(start, last);
     }
