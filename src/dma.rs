@@ -37,8 +37,8 @@ pub struct Region {
 }
 
 // SAFETY: `Region` owns its mmap-ed memory exclusively; moving it to or sharing it with another thread
-// moves or shares only the address. Byte access goes through `&mut DmaBuffer` (exclusive) or volatile
-// copies in `Mapping`, both of which are thread-agnostic.
+// moves or shares only the address. Byte access goes through `&mut DmaBuffer` (exclusive) or the
+// relaxed atomic copies of `Mapping`, which are well defined from any number of threads.
 unsafe impl Send for Region {}
 // SAFETY: as above; `&Region` gives no access to the bytes by itself.
 unsafe impl Sync for Region {}
@@ -354,8 +354,13 @@ pub(crate) fn check_file_access(
                 "Access::WRITE needs an fd open for writing (it is open read-only)",
             ));
         }
-        // Files that cannot be sealed answer EINVAL: they have no seals.
-        let seals = rustix::fs::fcntl_get_seals(file).unwrap_or(SealFlags::empty());
+        // Files that cannot be sealed answer EINVAL: they have no seals. Any other failure says nothing
+        // about the seals, so it refuses the map rather than assuming none.
+        let seals = match rustix::fs::fcntl_get_seals(file) {
+            Ok(seals) => seals,
+            Err(rustix::io::Errno::INVAL) => SealFlags::empty(),
+            Err(e) => return Err(Error::os("fcntl(F_GET_SEALS)", e)),
+        };
         if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
             return Err(Error::invalid(
                 op,

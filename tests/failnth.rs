@@ -675,3 +675,66 @@ fn fail_nth_sweep_access_sequence() {
 fn fail_nth_sweep_edu_sequence() {
     sweep("edu", edu_sequence, EDU_MIN_POINTS);
 }
+
+/// `unmap_range` over two leaked mappings, with one injected kernel failure at each point in turn:
+/// when the second mapping's unmap fails after the first one's succeeded, the error says how much was
+/// unmapped (`Error::PartialUnmap`), and in every outcome what is left stays known and removable.
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST and fault injection: run by cargo xtask vm-test"]
+fn a_range_unmap_that_fails_part_way_reports_what_it_unmapped() {
+    let _debugfs = DebugfsSetup::apply();
+    let iommufd = Iommufd::open().unwrap();
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let (base, p) = (testing::APERTURE.start, page_size() as u64);
+    let nth = File::options().read(true).write(true).open("/proc/thread-self/fail-nth").unwrap();
+    let arm = |n: u32| {
+        let text = n.to_string();
+        assert_eq!(nth.write_at(text.as_bytes(), 0).unwrap(), text.len());
+    };
+    let fired = || {
+        let mut buf = [0u8; 16];
+        let len = nth.read_at(&mut buf, 0).unwrap();
+        String::from_utf8_lossy(&buf[..len]).trim() == "0"
+    };
+    let (mut partial, mut failed, mut n) = (0, 0, 0);
+    loop {
+        n += 1;
+        assert!(n <= MAX_POINTS, "the unmap never ran clean");
+        let _a =
+            ioas.map(DmaBuffer::new(page_size()).unwrap(), Iova::Fixed(base), Access::READ).unwrap().leak();
+        let _b = ioas
+            .map(DmaBuffer::new(page_size()).unwrap(), Iova::Fixed(base + p), Access::READ)
+            .unwrap()
+            .leak();
+        arm(n);
+        let r = ioas.unmap_range(base, 2 * p);
+        let hit = fired();
+        arm(0);
+        match r {
+            Ok(bytes) => {
+                assert_eq!(bytes, 2 * p, "n = {n}");
+                if !hit {
+                    break; // past the last injection point: a clean run
+                }
+            }
+            Err(Error::PartialUnmap { unmapped, source, .. }) => {
+                assert!(hit, "n = {n}: a partial unmap without an injected fault: {source}");
+                assert_eq!(unmapped, p, "n = {n}: the first mapping went, the second did not");
+                partial += 1;
+                assert_eq!(ioas.unmap_range(base, 2 * p).unwrap(), p, "n = {n}: the rest is removable");
+            }
+            Err(e) => {
+                assert!(hit, "n = {n}: failed without an injected fault: {e}");
+                failed += 1;
+                assert_eq!(ioas.unmap_range(base, 2 * p).unwrap(), 2 * p, "n = {n}: nothing went: {e}");
+            }
+        }
+        assert_eq!(
+            ioas.unmap_range(base, 2 * p).map_err(|e| e.errno()),
+            Err(Some(Errno::NOENT)),
+            "n = {n}: the range is empty again"
+        );
+    }
+    report(&format!("fail-nth unmap_range: {} points, {partial} partial, {failed} failed whole", n - 1));
+    assert!(partial > 0, "no injected failure landed between the two unmaps");
+}

@@ -235,7 +235,9 @@ fn a_forked_child_leaves_the_parents_device_alone() {
         {
             failed |= 2;
         }
-        if !edu.bar.write_u32(0x80, 0).is_err_and(|e| foreign(&e)) {
+        if !edu.bar.write_u32(0x80, 0).is_err_and(|e| foreign(&e))
+            || !edu.bar.read_u32(0x00).is_err_and(|e| foreign(&e))
+        {
             failed |= 4;
         }
         if !dev.attach(&ioas).is_err_and(|e| foreign(&e)) {
