@@ -3,7 +3,7 @@
 //! The VM boots the kernel from `cargo xtask kernel` with an initramfs holding busybox, the root crate's
 //! test binaries and examples (linked statically), and `guest_init.sh` as `/init`. The guest binds the
 //! `edu` device to vfio-pci, runs every test binary with `--include-ignored --test-threads=1` (tests that
-//! need `/dev/iommu` are `#[ignore]` on the host), then the `edu_dma` example if there is one. It reports
+//! need `/dev/iommu` are `#[ignore]` on the host), then every example (one check each). It reports
 //! on a second serial port that only `/init` writes to, which the host parses after QEMU exits. The
 //! machine is TCG-only (q35, 2 vCPUs, 2 GiB), under intel-iommu and then virtio-iommu.
 
