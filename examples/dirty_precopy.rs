@@ -30,7 +30,15 @@ impl XorShift {
     }
 }
 
-fn main() -> iommufd::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        // Exit status 77: the kernel or IOMMU lacks what this needs (the message names it).
+        std::process::exit(if e.is_unsupported() { 77 } else { 1 });
+    }
+}
+
+fn run() -> iommufd::Result<()> {
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     // 4 KiB IOPTEs, so the dirty bitmap has page granularity.

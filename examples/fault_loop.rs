@@ -21,7 +21,21 @@ const PAGE: u64 = 4096;
 /// The IOVAs the device touches, in the mock's aperture, none mapped beforehand.
 const TOUCHED: [u64; 5] = [0x10, 0x11, 0x40, 0x41, 0x2000];
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        // Exit status 77: the kernel or IOMMU lacks what this needs (the message names it).
+        std::process::exit(
+            if e.downcast_ref::<iommufd::Error>().is_some_and(iommufd::Error::is_unsupported) {
+                77
+            } else {
+                1
+            },
+        );
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let device = MockDevice::new(&ioas)?;

@@ -19,7 +19,15 @@ use iommufd::{Access, DmaBuffer, Hwpt, HwptFlags, Iommufd, Iova, Vdevice, Vevent
 /// The guest's ID for the device (a PCI requester ID for VT-d, a stream ID for SMMUv3).
 const VIRT_ID: u64 = 0x42;
 
-fn main() -> iommufd::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        // Exit status 77: the kernel or IOMMU lacks what this needs (the message names it).
+        std::process::exit(if e.is_unsupported() { 77 } else { 1 });
+    }
+}
+
+fn run() -> iommufd::Result<()> {
     let iommufd = Iommufd::open()?;
 
     println!("1. Guest RAM at IOVA = GPA in an IOAS, and a nest-parent HWPT on it (stage 2).");
