@@ -72,8 +72,7 @@ impl Plan {
             out.push_str(&format!("{a}: already on {VFIO_PCI}, left as it is\n"));
         }
         for r in &self.rebind {
-            let from = r.driver.as_deref().map_or("no driver".to_string(), |d| format!("unbind from {d}, "));
-            let from = if r.driver.is_some() { from } else { String::new() };
+            let from = r.driver.as_deref().map(|d| format!("unbind from {d}, ")).unwrap_or_default();
             out.push_str(&format!(
                 "{}: {} -> {VFIO_PCI}: write {VFIO_PCI} to driver_override, {from}write {} to \
                  bus/pci/drivers_probe; restore puts back driver {} and driver_override {}\n",
@@ -408,6 +407,58 @@ pub fn bind(host: &Host, plan: &Plan, state: &StateFile) -> Result<Bound> {
     Ok(Bound { host: host.clone(), state: state.clone(), records: done, restored: false })
 }
 
+/// Binds the devices of `plan` (see [`bind`]), runs `f` while they are bound, and restores them
+/// whatever `f` did: it returns, panics (the restore runs while unwinding, then the panic goes on), or
+/// the process gets SIGINT, SIGTERM or SIGHUP while `f` runs. Those three are caught (by a handler
+/// that does nothing; they are not ignored, so a child process `f` starts gets their default action
+/// and stops, and `f` returns), and put back as they were afterwards. Meant for `f`s that run a child
+/// process, as `vfio-bind ... -- COMMAND` and the repository's `hw-test` do.
+///
+/// Returns `f`'s result and the restore's; an error binding means `f` never ran.
+pub fn while_bound<T>(
+    host: &Host,
+    plan: &Plan,
+    state: &StateFile,
+    f: impl FnOnce() -> T,
+) -> Result<(T, Result<()>)> {
+    let bound = bind(host, plan, state)?;
+    let value = {
+        let _signals = CaughtSignals::install();
+        f()
+    };
+    Ok((value, bound.restore()))
+}
+
+/// SIGINT, SIGTERM and SIGHUP caught by a do-nothing handler until dropped.
+struct CaughtSignals {
+    previous: [(libc::c_int, libc::sighandler_t); 3],
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+impl CaughtSignals {
+    fn install() -> CaughtSignals {
+        let handler = ignore_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        let previous = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|sig| {
+            // SAFETY: `ignore_signal` is async-signal-safe (it does nothing), and the disposition of
+            // these signals is this process's alone; the previous one is put back on drop.
+            (sig, unsafe { libc::signal(sig, handler) })
+        });
+        CaughtSignals { previous }
+    }
+}
+
+impl Drop for CaughtSignals {
+    fn drop(&mut self) {
+        for (sig, old) in self.previous {
+            if old != libc::SIG_ERR {
+                // SAFETY: puts back the disposition `signal` returned for this signal.
+                unsafe { libc::signal(sig, old) };
+            }
+        }
+    }
+}
+
 /// Restores `done` after a failed bind; the error says how that went.
 fn undo(host: &Host, state: &StateFile, done: &[Record], e: Error) -> Error {
     if done.is_empty() {
@@ -670,6 +721,38 @@ mod tests {
         assert_eq!(t.driver_of("0000:00:04.0").as_deref(), Some("virtio-pci"));
         assert_eq!(t.override_of("0000:00:04.0"), "(null)\n");
         assert!(s.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn while_bound_restores_after_a_return_a_panic_or_a_signal() {
+        let t = Tree::new();
+        t.standard();
+        let p = plan(&t.host, &[bdf("0000:00:04.0")], BindOptions::default()).unwrap();
+        let s = state(&t);
+        let on_vfio = || t.driver_of("0000:00:04.0").as_deref() == Some("vfio-pci");
+        let (value, restored) = while_bound(&t.host, &p, &s, || {
+            assert!(on_vfio());
+            // SAFETY: SIGINT is caught while `f` runs; without the handler this process would end.
+            assert_eq!(unsafe { libc::raise(libc::SIGINT) }, 0);
+            7
+        })
+        .unwrap();
+        assert_eq!(value, 7, "the interrupted closure went on");
+        restored.unwrap();
+        assert_eq!(t.driver_of("0000:00:04.0").as_deref(), Some("virtio-pci"));
+        assert_eq!(t.override_of("0000:00:04.0"), "(null)\n");
+        assert!(!s.path.exists());
+
+        let panicked = std::panic::catch_unwind(|| {
+            while_bound(&t.host, &p, &s, || {
+                assert!(on_vfio());
+                panic!("a test failed while bound");
+            })
+        });
+        assert!(panicked.is_err());
+        assert_eq!(t.driver_of("0000:00:04.0").as_deref(), Some("virtio-pci"));
+        assert_eq!(t.override_of("0000:00:04.0"), "(null)\n");
+        assert!(!s.path.exists());
     }
 
     #[test]

@@ -110,24 +110,6 @@ fn libtest_args(skip: &[String], rest: &[String]) -> Vec<String> {
     args
 }
 
-extern "C" fn on_interrupt(_: libc::c_int) {}
-
-/// Runs `cmd` with SIGINT and SIGTERM caught (not ignored: the child, after exec, gets the default
-/// action and stops), so that an interrupted run still gets to restore the device's driver.
-fn run_interruptible(cmd: &mut Command) -> Result<()> {
-    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: `on_interrupt` is async-signal-safe (it does nothing); installing it changes only this
-    // process's disposition, which is put back below.
-    let old = unsafe { [libc::signal(libc::SIGINT, handler), libc::signal(libc::SIGTERM, handler)] };
-    let result = run(cmd);
-    // SAFETY: restores the dispositions returned above.
-    unsafe {
-        libc::signal(libc::SIGINT, old[0]);
-        libc::signal(libc::SIGTERM, old[1]);
-    }
-    result
-}
-
 pub fn hw_test(args: &[String]) -> Result<()> {
     let args = parse_args(args)?;
     let host = Host::system();
@@ -162,11 +144,13 @@ pub fn hw_test(args: &[String]) -> Result<()> {
     for w in &plan.warnings {
         eprintln!("hw-test: warning (forced): {w}");
     }
+    // The same bind/run/restore as `vfio-bind ADDR -- COMMAND` (which the VM tier rehearses).
     let state = StateFile::new(DEFAULT_STATE);
-    let bound = bind::bind(&host, &plan, &state).map_err(|e| format!("hw-test: {e}"))?;
-    eprintln!("hw-test: {} bound to vfio-pci (was on {:?})", args.device, device.driver);
-    let tests = run_interruptible(&mut test);
-    let restored = bound.restore();
+    let (tests, restored) = bind::while_bound(&host, &plan, &state, || {
+        eprintln!("hw-test: {} bound to vfio-pci (was on {:?})", args.device, device.driver);
+        run(&mut test)
+    })
+    .map_err(|e| format!("hw-test: {e}"))?;
     match &restored {
         Ok(()) => eprintln!("hw-test: {} is back on {:?}", args.device, device.driver),
         Err(e) => eprintln!(

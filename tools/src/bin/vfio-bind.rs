@@ -4,7 +4,7 @@
 use std::process::{Command, ExitCode};
 
 use iommufd_tools::bind::{self, DEFAULT_STATE};
-use iommufd_tools::{Bdf, BindOptions, Error, Host, StateFile};
+use iommufd_tools::{Bdf, BindOptions, Error, Host, Plan, StateFile};
 
 const USAGE: &str = "\
 usage: vfio-bind [--force] [--dry-run] [--state FILE] ADDRESS... [-- COMMAND [ARG...]]
@@ -93,21 +93,17 @@ fn run(a: &Args) -> Result<ExitCode, Error> {
     for w in &plan.warnings {
         eprintln!("vfio-bind: warning (forced): {w}");
     }
-    let bound = bind::bind(&host, &plan, &a.state)?;
-    for r in bound.records() {
-        println!("{}: {} -> vfio-pci", r.address, r.driver.as_deref().unwrap_or("no driver"));
-    }
-    for addr in &plan.already_bound {
-        println!("{addr}: already on vfio-pci");
-    }
     if a.command.is_empty() {
+        let bound = bind::bind(&host, &plan, &a.state)?;
+        report_bound(&plan);
         println!("recorded in {} (vfio-bind --restore puts the drivers back)", a.state.path.display());
         bound.keep();
         return Ok(ExitCode::SUCCESS);
     }
-    let status = Command::new(&a.command[0]).args(&a.command[1..]).status();
-    // Restored whatever the command did; `bound` would also restore if this panicked.
-    let restored = bound.restore();
+    let (status, restored) = bind::while_bound(&host, &plan, &a.state, || {
+        report_bound(&plan);
+        Command::new(&a.command[0]).args(&a.command[1..]).status()
+    })?;
     let code = match &status {
         Ok(s) => s.code().unwrap_or_else(|| {
             use std::os::unix::process::ExitStatusExt;
@@ -123,6 +119,15 @@ fn run(a: &Args) -> Result<ExitCode, Error> {
         println!("{}: back on {}", r.address, r.driver.as_deref().unwrap_or("no driver"));
     }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn report_bound(plan: &Plan) {
+    for r in &plan.rebind {
+        println!("{}: {} -> vfio-pci", r.address, r.driver.as_deref().unwrap_or("no driver"));
+    }
+    for addr in &plan.already_bound {
+        println!("{addr}: already on vfio-pci");
+    }
 }
 
 fn main() -> ExitCode {
