@@ -206,7 +206,8 @@ fn prepare(opts: &Options, mode: Mode) -> Result<Prepared> {
     let t = Instant::now();
     let bins = build_binaries(mode)?;
     let (n_tests, n_examples, secs) = (bins.tests.len(), bins.examples.len(), t.elapsed().as_secs_f64());
-    eprintln!("vm: built {n_tests} test binaries and {n_examples} examples in {secs:.1}s");
+    let n_tools = bins.tools.len();
+    eprintln!("vm: built {n_tests} test binaries, {n_examples} examples and {n_tools} tools in {secs:.1}s");
     let has_edu_dma = bins.examples.iter().any(|(name, _)| name == "edu_dma");
     let initramfs = pack_initramfs(&bins, &opts.test_args)?;
     Ok(Prepared { kernel, initramfs, has_edu_dma, _lock: lock })
