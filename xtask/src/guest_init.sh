@@ -13,7 +13,7 @@
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root
 
-mkdir -p /proc /sys /dev /tmp /root
+mkdir -p /proc /sys /dev /tmp /root /run
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -95,6 +95,103 @@ run_one() {
     [ "$rc" = 0 ] || status=1
 }
 
+# The hardware tier (`cargo xtask hw-test --bind`) rehearsed on virtio-rng, a device that starts on its
+# Linux driver: lsiommu lists it, vfio-bind (the same bind logic as hw-test's) takes it to vfio-pci for
+# each generic test binary and restores it after, even when the tests fail or the command is killed,
+# and after every restore the device works again with virtio_rng. Each check is one result.
+PATH=$PATH:/tools
+hw_state=/run/iommufd-tools/rehearsal.state
+
+rng_on_virtio() {
+    [ "$(basename "$(readlink "/sys/bus/pci/devices/$rng/driver")")" = virtio-pci ] ||
+        { echo "$rng is not on virtio-pci"; return 1; }
+    [ "$(cat "/sys/bus/pci/devices/$rng/driver_override")" = "(null)" ] ||
+        { echo "driver_override of $rng was not cleared"; return 1; }
+    grep -q virtio_rng /sys/class/misc/hw_random/rng_available ||
+        { echo "rng_available lacks virtio_rng: $(cat /sys/class/misc/hw_random/rng_available)"; return 1; }
+    n=$(head -c 16 /dev/hwrng | wc -c)
+    [ "$n" = 16 ] || { echo "/dev/hwrng gave $n bytes, not 16"; return 1; }
+    [ ! -e "$hw_state" ] || { echo "$hw_state still records: $(cat "$hw_state")"; return 1; }
+    echo "$rng on virtio-pci, driver_override clear, /dev/hwrng gives bytes"
+}
+
+check_lsiommu() {
+    lsiommu >/tmp/lsiommu.txt || return 1
+    cat /tmp/lsiommu.txt
+    want() { grep -Eq "$1" /tmp/lsiommu.txt || { echo "lsiommu printed no line matching: $1"; return 1; }; }
+    case "$IOMMUFD_TEST_IOMMU" in
+    intel) want '^IOMMU dmar[0-9]+ \(intel-iommu\): groups' ;;
+    virtio) want '^IOMMU [0-9a-f:.]+ \(virtio_iommu\): groups' ;;
+    esac || return 1
+    want '^iommufd: /dev/iommu, 22 of 22 ioctls$' &&
+        want "^IOMMU Group $group  $edu  Unclassified device \\[00ff\\] \\[1234:11e8\\]  vfio-pci$" &&
+        want "^IOMMU Group [0-9]+  $rng  Unclassified device \\[00ff\\] \\[1af4:1044\\]  virtio-pci$" &&
+        want '^VFIO: vfio-pci loaded: yes, device cdevs \(/dev/vfio/devices\): yes$' || return 1
+    lsiommu --json >/tmp/lsiommu.json || return 1
+    grep -F '"name": "0000:' /tmp/lsiommu.json
+    wantj() { grep -Fq "$1" /tmp/lsiommu.json || { echo "lsiommu --json has no line with: $1"; return 1; }; }
+    wantj '"available": true' || return 1
+    grep -F "\"name\": \"$edu\"" /tmp/lsiommu.json | grep -Fq '"driver": "vfio-pci"' ||
+        { echo "lsiommu --json: edu $edu is not listed on vfio-pci"; return 1; }
+    grep -F "\"name\": \"$rng\"" /tmp/lsiommu.json | grep -Fq '"driver": "virtio-pci"' ||
+        { echo "lsiommu --json: virtio-rng $rng is not listed on virtio-pci"; return 1; }
+}
+
+check_refusals() {
+    vfio-bind --state "$hw_state" "../$rng" && { echo "a path was accepted as an address"; return 1; }
+    vfio-bind --state "$hw_state" --dry-run "$rng" | tee /tmp/plan
+    grep -q "^$rng: virtio-pci -> vfio-pci" /tmp/plan || { echo "the dry run did not plan the rebind"; return 1; }
+    rng_on_virtio
+}
+
+check_keep_and_restore() {
+    vfio-bind --state "$hw_state" "$rng" || return 1
+    [ "$(basename "$(readlink "/sys/bus/pci/devices/$rng/driver")")" = vfio-pci ] || { echo "not on vfio-pci"; return 1; }
+    [ -n "$(ls "/sys/bus/pci/devices/$rng/vfio-dev")" ] || { echo "no VFIO cdev for $rng"; return 1; }
+    grep -q "^$rng driver=virtio-pci override=-$" "$hw_state" || { echo "state file: $(cat "$hw_state")"; return 1; }
+    vfio-bind --state "$hw_state" --restore || return 1
+    rng_on_virtio
+}
+
+# A test that fails for real (the group it is told to expect is edu's), then a command killed by a
+# signal: vfio-bind passes the status on and the device is back on its driver each time.
+check_failure_path() {
+    # Its output is indented: its libtest summary is not one of this run's results.
+    IOMMUFD_TEST_DEVICE=$rng IOMMUFD_TEST_EDU_GROUP=$group vfio-bind --state "$hw_state" "$rng" -- \
+        /tests/device --include-ignored --test-threads=1 --exact group_facts_match_sysfs >/tmp/fail.out 2>&1
+    rc=$?
+    sed 's/^/    | /' /tmp/fail.out
+    [ "$rc" = 101 ] || { echo "a failing test gave status $rc, not libtest's 101"; return 1; }
+    rng_on_virtio || return 1
+    vfio-bind --state "$hw_state" "$rng" -- sh -c 'kill -9 $$'
+    rc=$?
+    [ "$rc" = 137 ] || { echo "a killed command gave status $rc, not 137"; return 1; }
+    rng_on_virtio
+}
+
+hw_rehearsal() {
+    rng=
+    for d in /sys/bus/pci/devices/*; do
+        if [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1044 ]; then
+            rng=${d##*/}
+        fi
+    done
+    [ -n "$rng" ] || { say "error no virtio-rng device (1af4:1044) on the PCI bus"; status=1; return; }
+    echo "hardware-tier rehearsal on virtio-rng $rng"
+    run_one check/rng-before rng_on_virtio
+    run_one check/lsiommu check_lsiommu
+    run_one check/vfio-bind-refusals check_refusals
+    run_one check/vfio-bind-keep-and-restore check_keep_and_restore
+    eval "set -- $(cat /etc/xtask-hw-skip) \"\$@\""
+    for t in $(cat /etc/xtask-hw-tests); do
+        run_one "hw/$t" env -u IOMMUFD_TEST_EDU_BDF -u IOMMUFD_TEST_EDU_CDEV -u IOMMUFD_TEST_EDU_GROUP \
+            IOMMUFD_TEST_DEVICE="$rng" vfio-bind --state "$hw_state" "$rng" -- \
+            "/tests/$t" --include-ignored --test-threads=1 "$@"
+    done
+    run_one check/rng-after-hw-tier rng_on_virtio
+    run_one check/vfio-bind-failure-path check_failure_path
+}
+
 status=0
 case "$IOMMUFD_VM_MODE" in
 demo)
@@ -114,6 +211,7 @@ test)
         [ -x "$e" ] || continue
         run_one "example/${e##*/}" "$e"
     done
+    hw_rehearsal "$@"
     ;;
 bench)
     for b in /bench/*; do

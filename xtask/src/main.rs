@@ -51,9 +51,11 @@ usage: cargo xtask <task>
               every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
               /dev/iommu are ignored there; all features, so with IOMMUFD_SYS_HEADERS unset the pinned
               headers are used for feature `bindgen`), then the VM suite (vm-test)
-  hw-test --device ADDR [--bind] [-- ARGS]
-              run the device-generic tests (ioas, device, raii) against the real PCI device ADDR, which
-              must be bound to vfio-pci (--bind rebinds it, detaching it from its current driver)
+  hw-test --device ADDR [--bind [--force]] [-- ARGS]
+              run the device-generic tests (ioas, device, raii; not the edu-only ones) against the real
+              PCI device ADDR, which must be bound to vfio-pci; --bind binds it for the run and restores
+              its driver afterwards, as `vfio-bind ADDR -- ...` does (refusing a device whose group has
+              devices on other drivers, or that backs a mount, swap or a routed interface: --force)
   vm-demo [--timeout SECS]
               boot the VM (intel-iommu) and run only the edu_dma example, streaming its output
   bench [--timeout SECS]

@@ -3,7 +3,10 @@
 //! The VM boots the kernel from `cargo xtask kernel` with an initramfs holding busybox, the root crate's
 //! test binaries and examples (linked statically), and `guest_init.sh` as `/init`. The guest binds the
 //! `edu` device to vfio-pci, runs every test binary with `--include-ignored --test-threads=1` (tests that
-//! need `/dev/iommu` are `#[ignore]` on the host), then every example (one check each). It reports
+//! need `/dev/iommu` are `#[ignore]` on the host), then every example (one check each), then rehearses
+//! the hardware tier on a virtio-rng device that starts on its Linux driver (`lsiommu` and `vfio-bind`
+//! of iommufd-tools, built statically too, bind it for the generic test binaries and restore it, checked
+//! one check each; see `guest_init.sh`). It reports
 //! on a second serial port that only `/init` writes to, which the host parses after QEMU exits. The
 //! machine is TCG-only (q35, 2 vCPUs, 2 GiB), under intel-iommu and then virtio-iommu.
 
@@ -203,7 +206,8 @@ fn prepare(opts: &Options, mode: Mode) -> Result<Prepared> {
     let t = Instant::now();
     let bins = build_binaries(mode)?;
     let (n_tests, n_examples, secs) = (bins.tests.len(), bins.examples.len(), t.elapsed().as_secs_f64());
-    eprintln!("vm: built {n_tests} test binaries and {n_examples} examples in {secs:.1}s");
+    let n_tools = bins.tools.len();
+    eprintln!("vm: built {n_tests} test binaries, {n_examples} examples and {n_tools} tools in {secs:.1}s");
     let has_edu_dma = bins.examples.iter().any(|(name, _)| name == "edu_dma");
     let initramfs = pack_initramfs(&bins, &opts.test_args)?;
     Ok(Prepared { kernel, initramfs, has_edu_dma, _lock: lock })
@@ -217,15 +221,21 @@ struct Binaries {
     tests: Vec<(String, PathBuf)>,
     examples: Vec<(String, PathBuf)>,
     benches: Vec<(String, PathBuf)>,
+    /// `lsiommu` and `vfio-bind` (iommufd-tools), for the hardware-tier rehearsal.
+    tools: Vec<(String, PathBuf)>,
 }
 
 fn cargo(what: &[&str]) -> Command {
+    // The suite includes the mock-IOMMU (`testing`) and async (`tokio`) tests.
+    cargo_package(what, "iommufd", "testing,tokio")
+}
+
+fn cargo_package(what: &[&str], package: &str, features: &str) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root())
         .args(what)
-        .args(["-p", "iommufd", "--target", TARGET, "--message-format=json-render-diagnostics"])
-        // The suite includes the mock-IOMMU (`testing`) and async (`tokio`) tests.
-        .args(["--features", "testing,tokio", "--locked"])
+        .args(["-p", package, "--target", TARGET, "--message-format=json-render-diagnostics"])
+        .args(["--features", features, "--locked"])
         // A separate --target keeps these static builds from invalidating the host build's artifacts.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         // Line tables keep backtraces' file:line but halve the binaries (and so the initramfs, which
@@ -300,7 +310,7 @@ fn build_binaries(mode: Mode) -> Result<Binaries> {
                 benches.push((name, path));
             }
         }
-        return Ok(Binaries { tests: Vec::new(), examples: Vec::new(), benches });
+        return Ok(Binaries { tests: Vec::new(), examples: Vec::new(), benches, tools: Vec::new() });
     }
     eprintln!("vm: building the root crate's tests and examples (static, --target {TARGET})");
     let mut tests = Vec::new();
@@ -314,14 +324,23 @@ fn build_binaries(mode: Mode) -> Result<Binaries> {
             examples.push((name, path));
         }
     }
+    // The tools, with the root crate's features of the builds above, so it is not built twice.
+    let mut tools = Vec::new();
+    let build_tools = cargo_package(&["build", "--bins"], "iommufd-tools", "iommufd/testing,iommufd/tokio");
+    for (kind, name, path) in cargo_executables(build_tools)? {
+        if kind == "bin" {
+            tools.push((name, path));
+        }
+    }
     tests.sort();
     examples.sort();
-    for (name, path) in tests.iter().chain(&examples) {
+    tools.sort();
+    for (name, path) in tests.iter().chain(&examples).chain(&tools) {
         if !is_static(path)? {
             return Err(format!("{name} ({}) is not statically linked", path.display()).into());
         }
     }
-    Ok(Binaries { tests, examples, benches: Vec::new() })
+    Ok(Binaries { tests, examples, benches: Vec::new(), tools })
 }
 
 /// True if the ELF file has no PT_INTERP program header (no dynamic loader needed).
@@ -371,7 +390,8 @@ fn pack_initramfs(bins: &Binaries, test_args: &[String]) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let cpio_path = dir.join("initramfs.cpio");
     let mut w = Initramfs::new(std::io::BufWriter::new(std::fs::File::create(&cpio_path)?));
-    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "tests", "examples", "bench"] {
+    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "tests", "examples", "bench", "tools"]
+    {
         w.dir(d)?;
     }
     w.char_dev("dev/console", 5, 1)?;
@@ -388,6 +408,18 @@ fn pack_initramfs(bins: &Binaries, test_args: &[String]) -> Result<PathBuf> {
     for (name, path) in &bins.benches {
         w.file(&format!("bench/{name}"), 0o755, &std::fs::read(path)?)?;
     }
+    for (name, path) in &bins.tools {
+        w.file(&format!("tools/{name}"), 0o755, &std::fs::read(path)?)?;
+    }
+    // The hardware-tier rehearsal runs what `hw-test` runs: the generic test binaries without the
+    // edu-only tests.
+    let hw_tests = crate::hw::GENERIC_TESTS;
+    w.file("etc/xtask-hw-tests", 0o644, format!("{}\n", hw_tests.join(" ")).as_bytes())?;
+    let skip: Vec<String> = crate::hw::edu_only_tests(&workspace_root())?
+        .iter()
+        .flat_map(|t| ["--skip".to_string(), shell_quote(t)])
+        .collect();
+    w.file("etc/xtask-hw-skip", 0o644, format!("{}\n", skip.join(" ")).as_bytes())?;
     w.finish()?.flush()?;
     eprintln!(
         "vm: initramfs {} ({:.1} MiB)",
@@ -517,6 +549,9 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
     ])
     .args(iommu.qemu_args())
     .args(["-device", "edu", "-nic", "none", "-nographic", "-no-reboot"])
+    // A device that starts on its Linux driver (virtio-pci, virtio_rng), behind the same IOMMU: the
+    // hardware tier's bind/test/restore is rehearsed on it.
+    .args(["-device", "virtio-rng-pci,disable-legacy=on,iommu_platform=on"])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
     .args(["-serial", "mon:stdio"])
     .arg("-serial")
@@ -745,8 +780,9 @@ fn parse_results(text: &str) -> Outcome {
                 if !rc_ok {
                     outcome.failed_binaries.push(name.to_string());
                 }
-                if name.starts_with("example/") {
-                    // An example is one check: it passes when it exits 0.
+                if name.starts_with("example/") || name.starts_with("check/") {
+                    // An example, or a check of the guest script, is one check: it passes when it
+                    // exits 0.
                     if rc_ok { outcome.passed += 1 } else { outcome.failed += 1 }
                 } else if !rc_ok && summaries == 0 {
                     outcome.failed += 1;
@@ -952,11 +988,15 @@ result test/mock test result: FAILED. 4 passed; 2 failed; 0 ignored
 end test/mock rc=101
 begin example/edu_dma
 end example/edu_dma rc=0
+begin check/vfio-bind
+end check/vfio-bind rc=0
+begin check/lsiommu
+end check/lsiommu rc=1
 done status=1
 ";
         let o = parse_results(text);
-        assert_eq!((o.passed, o.failed), (17, 2));
-        assert_eq!(o.failed_binaries, ["test/mock"]);
+        assert_eq!((o.passed, o.failed), (18, 3));
+        assert_eq!(o.failed_binaries, ["test/mock", "check/lsiommu"]);
         assert_eq!(o.guest_status, Some(1));
         assert!(o.problems.is_empty(), "{:?}", o.problems);
     }
