@@ -396,7 +396,9 @@ impl BoundDevice {
             unsafe { OwnedFd::from_raw_fd(data.data_fd) }
         });
         match (session, fd) {
-            (Some(direction), Some(fd)) => Ok(Some(MigrationData { fd, direction })),
+            (Some(direction), Some(fd)) => {
+                Ok(Some(MigrationData { fd, direction, iommufd: Some(self.iommufd().clone()) }))
+            }
             (None, None) => Ok(None),
             (Some(_), None) => Err(Error::Protocol {
                 op,
@@ -469,6 +471,9 @@ pub struct PrecopyInfo {
 /// [`Write`] (the stream from a compatible device). Using it the other way gives
 /// [`io::ErrorKind::Unsupported`] without a system call.
 ///
+/// Like every handle, it acts only in the process that opened its device's iommufd: in a `fork()`ed
+/// child, reads and writes fail ([`Error::ForeignProcess`], as an [`io::Error`] of kind `Other`).
+///
 /// In `STOP_COPY` a read of 0 bytes is the end of the state. In a pre-copy state the stream has
 /// temporary ends: the uAPI has the driver answer `ENOMSG` (some drivers return 0 instead) until more
 /// data appears; [`read_available`](Self::read_available) reads up to such an end.
@@ -476,6 +481,8 @@ pub struct PrecopyInfo {
 pub struct MigrationData {
     fd: OwnedFd,
     direction: DataDirection,
+    /// The device's iommufd, whose process alone uses the session (`None` only in unit tests).
+    iommufd: Option<crate::Iommufd>,
 }
 
 impl MigrationData {
@@ -504,6 +511,7 @@ impl MigrationData {
     /// rest of the device state.
     pub fn read_available(&mut self, out: &mut Vec<u8>) -> Result<usize> {
         const OP: &str = "read(migration data)";
+        self.check_process(OP)?;
         if self.direction != DataDirection::Save {
             return Err(Error::invalid(OP, "a resuming session is write-only"));
         }
@@ -519,7 +527,15 @@ impl MigrationData {
         }
     }
 
+    /// Refuses, in a `fork()`ed child, a call that would consume or feed the parent's session.
+    fn check_process(&self, op: &'static str) -> Result<()> {
+        self.iommufd.as_ref().map_or(Ok(()), |fd| fd.check_process(op))
+    }
+
     fn check(&self, want: DataDirection) -> io::Result<()> {
+        if let Err(e) = self.check_process("migration data") {
+            return Err(io::Error::other(e));
+        }
         if self.direction == want {
             Ok(())
         } else {
@@ -801,8 +817,8 @@ mod tests {
     #[test]
     fn a_session_is_used_only_its_way() {
         let (r, w) = rustix::pipe::pipe().unwrap();
-        let mut save = MigrationData { fd: r, direction: DataDirection::Save };
-        let mut resume = MigrationData { fd: w, direction: DataDirection::Resume };
+        let mut save = MigrationData { fd: r, direction: DataDirection::Save, iommufd: None };
+        let mut resume = MigrationData { fd: w, direction: DataDirection::Resume, iommufd: None };
         assert_eq!(save.write(b"x").unwrap_err().kind(), io::ErrorKind::Unsupported);
         assert_eq!(resume.read(&mut [0]).unwrap_err().kind(), io::ErrorKind::Unsupported);
         assert!(matches!(resume.precopy_info(), Err(Error::InvalidArgument { .. })));
