@@ -3,31 +3,7 @@
 //! estimate (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, 6.2) and the migration data fd with its pre-copy
 //! query (`VFIO_MIG_GET_PRECOPY_INFO`, 6.2).
 //!
-//! # The state machine
-//!
-//! A migration driver implements single arcs between [`MigState`]s; which arcs exist depends on its
-//! [`MigrationFlags`] (`P2P` adds `RUNNING_P2P`, `PRE_COPY` adds `PRE_COPY`, both add
-//! `PRE_COPY_P2P`). Any other request is a *combination transition*: the kernel walks the shortest
-//! path of single arcs whose interior holds no state of the saving group (`PRE_COPY`,
-//! `PRE_COPY_P2P`, `STOP_COPY`), except a path that stays inside that group.
-//! [`MigState::path`] computes the same path, so
-//! [`BoundDevice::set_migration_state`] accepts **any target reachable from the current state** and
-//! issues one ioctl for it; the kernel performs the steps under the driver's lock.
-//!
-//! Before that ioctl the crate reads the device's current state from the kernel (the kernel is the
-//! only record: a failed transition can stop anywhere along its path, and `VFIO_DEVICE_RESET`
-//! returns the device to `RUNNING` behind any cached value) and refuses, with no ioctl issued:
-//! `ERROR` as a target, any transition out of `ERROR` (only a reset leaves it), a state the device's
-//! flags do not include ([`Error::NotCapable`]), and `STOP_COPY` to `PRE_COPY`/`PRE_COPY_P2P`, which
-//! the uAPI forbids. Transitions of one device are serialised across its clones.
-//!
-//! # Data sessions
-//!
-//! Entering the saving group from outside it (`RUNNING -> PRE_COPY`, `RUNNING_P2P -> PRE_COPY_P2P`,
-//! `STOP -> STOP_COPY`) starts a saving session, and `STOP -> RESUMING` a resuming one: the call
-//! returns the session's [`MigrationData`], to [`Read`] the device state from or [`Write`] it into.
-//! Moving inside the saving group (`PRE_COPY -> STOP_COPY`) keeps the session and its fd; leaving
-//! the group or `RESUMING` ends it (the fd then reads or writes nothing more).
+//! See [`MigState`] for the state machine and how transitions are checked.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -54,6 +30,32 @@ bitflags::bitflags! {
 }
 
 /// A state of the migration state machine (`enum vfio_device_mig_state`).
+///
+/// # The state machine
+///
+/// A migration driver implements single arcs between [`MigState`]s; which arcs exist depends on its
+/// [`MigrationFlags`] (`P2P` adds `RUNNING_P2P`, `PRE_COPY` adds `PRE_COPY`, both add
+/// `PRE_COPY_P2P`). Any other request is a *combination transition*: the kernel walks the shortest
+/// path of single arcs whose interior holds no state of the saving group (`PRE_COPY`,
+/// `PRE_COPY_P2P`, `STOP_COPY`), except a path that stays inside that group.
+/// [`MigState::path`] computes the same path, so
+/// [`BoundDevice::set_migration_state`] accepts **any target reachable from the current state** and
+/// issues one ioctl for it; the kernel performs the steps under the driver's lock.
+///
+/// Before that ioctl the crate reads the device's current state from the kernel (the kernel is the
+/// only record: a failed transition can stop anywhere along its path, and `VFIO_DEVICE_RESET`
+/// returns the device to `RUNNING` behind any cached value) and refuses, with no ioctl issued:
+/// `ERROR` as a target, any transition out of `ERROR` (only a reset leaves it), a state the device's
+/// flags do not include ([`Error::NotCapable`]), and `STOP_COPY` to `PRE_COPY`/`PRE_COPY_P2P`, which
+/// the uAPI forbids. Transitions of one device are serialised across its clones.
+///
+/// # Data sessions
+///
+/// Entering the saving group from outside it (`RUNNING -> PRE_COPY`, `RUNNING_P2P -> PRE_COPY_P2P`,
+/// `STOP -> STOP_COPY`) starts a saving session, and `STOP -> RESUMING` a resuming one: the call
+/// returns the session's [`MigrationData`], to [`Read`] the device state from or [`Write`] it into.
+/// Moving inside the saving group (`PRE_COPY -> STOP_COPY`) keeps the session and its fd; leaving
+/// the group or `RESUMING` ends it (the fd then reads or writes nothing more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigState {
     /// The device failed a transition and could not return to a valid state; only a reset
@@ -183,8 +185,8 @@ impl MigState {
     /// group, such as `PRE_COPY -> PRE_COPY_P2P -> STOP_COPY`, keeps its session and is allowed).
     ///
     /// Refused ([`Error::InvalidArgument`]): `ERROR` as either end and `STOP_COPY` to a pre-copy
-    /// state. A state `flags` lack gives [`Error::NotCapable`] (and [`Error::Protocol`] for `from`,
-    /// which came from the kernel).
+    /// state. A target `flags` lack gives [`Error::NotCapable`]; a `from` they lack gives
+    /// [`Error::Protocol`] (for [`BoundDevice::set_migration_state`] it is the kernel's answer).
     pub fn path(from: MigState, to: MigState, flags: MigrationFlags) -> Result<Vec<MigState>> {
         const OP: &str = "VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE";
         if !flags.contains(MigrationFlags::STOP_COPY) {
@@ -246,7 +248,7 @@ impl MigState {
         }
     }
 
-    /// The session the last arc `prev -> self` of a transition opens, if any.
+    /// The session the last arc `prev -> to` of a transition opens, if any.
     fn opens_session(prev: MigState, to: MigState) -> Option<DataDirection> {
         if to == MigState::Resuming {
             Some(DataDirection::Resume)
