@@ -247,6 +247,39 @@ mod mdev {
         drop(dev);
     }
 
+    /// The peer-to-peer quiescent states: single arcs, and a saving session opened from `RUNNING_P2P`.
+    #[test]
+    #[ignore = "needs the mtty/mbochs mdev samples and /dev/iommu: run by cargo xtask vm-test"]
+    fn mtty_p2p_states_and_a_session_opened_from_them() {
+        let mdev = Mdev::create("mtty", "mtty-1");
+        let fd = Iommufd::open().unwrap();
+        let dev = mdev.bind(&fd);
+        send(&dev, 0, b"p2p");
+        assert_eq!(dev.migration_path(MigState::RunningP2p).unwrap(), [MigState::RunningP2p]);
+        assert!(dev.set_migration_state(MigState::RunningP2p).unwrap().is_none());
+        assert_eq!(dev.migration_state().unwrap(), MigState::RunningP2p);
+        let mut save = dev
+            .set_migration_state(MigState::PreCopyP2p)
+            .unwrap()
+            .expect("RUNNING_P2P -> PRE_COPY_P2P opens a session");
+        assert_eq!(save.precopy_info().unwrap().initial_bytes, MTTY_HEADER as u64);
+        // PRE_COPY_P2P -> PRE_COPY -> RUNNING: back inside the group, then out of it, ending the session.
+        assert!(dev.set_migration_state(MigState::PreCopy).unwrap().is_none());
+        assert_eq!(
+            dev.migration_path(MigState::Stop).unwrap(),
+            [MigState::Running, MigState::RunningP2p, MigState::Stop]
+        );
+        assert!(dev.set_migration_state(MigState::Running).unwrap().is_none());
+        let e = save.precopy_info().unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::INVAL), "{e}");
+        let mut rest = Vec::new();
+        let e = save.read_available(&mut rest).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NODEV), "an ended session reads nothing more: {e}");
+        // The device ran through all of it untouched.
+        assert_eq!(receive(&dev, 0), b"p2p");
+        drop((save, dev));
+    }
+
     /// A `fork()`ed child shares the session's fd: reading there would take the parent's stream.
     #[test]
     #[ignore = "needs the mtty/mbochs mdev samples and /dev/iommu: run by cargo xtask vm-test"]
