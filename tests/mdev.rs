@@ -10,8 +10,8 @@ mod mdev {
     use std::os::fd::AsRawFd;
 
     use iommufd::{
-        Access, DataDirection, DmaBuffer, Errno, Error, GfxPlane, GfxPlaneKind, Hwpt, HwptFlags, Iommufd,
-        Iova, MigState, MigrationFlags, PciRegion, RegionType,
+        Access, DataDirection, DeviceFeature, DmaBuffer, Errno, Error, FeatureOps, GfxPlane, GfxPlaneKind,
+        Hwpt, HwptFlags, Iommufd, Iova, MigState, MigrationFlags, PciRegion, RegionType,
     };
 
     use super::common::{self, Mdev};
@@ -107,6 +107,15 @@ mod mdev {
         let (src, dst) = (src_mdev.bind(&fd), dst_mdev.bind(&fd));
         let flags = src.migration_flags().unwrap();
         assert_eq!(flags, MigrationFlags::STOP_COPY | MigrationFlags::P2P | MigrationFlags::PRE_COPY);
+        // The migration features as the feature probe sees them on a real migration driver.
+        for (feature, ops) in [
+            (DeviceFeature::MIGRATION, FeatureOps::GET),
+            (DeviceFeature::MIG_DEVICE_STATE, FeatureOps::GET | FeatureOps::SET),
+            (DeviceFeature::MIG_DATA_SIZE, FeatureOps::GET),
+            (DeviceFeature::MIG_PRECOPY_INFO_V2, FeatureOps::SET),
+        ] {
+            assert_eq!(src.feature_probe(feature).unwrap(), ops, "{feature:?}");
+        }
         assert_eq!(src.migration_state().unwrap(), MigState::Running);
         assert_eq!(dst.migration_state().unwrap(), MigState::Running);
 

@@ -56,7 +56,11 @@ bitflags::bitflags! {
 /// returns the session's [`MigrationData`], to [`Read`] the device state from or [`Write`] it into.
 /// Moving inside the saving group (`PRE_COPY -> STOP_COPY`) keeps the session and its fd; leaving
 /// the group or `RESUMING` ends it (the fd then reads or writes nothing more).
+///
+/// Non-exhaustive: the uAPI reserves the right to add states (a state this crate does not know, read
+/// from the kernel, is an [`Error::Protocol`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum MigState {
     /// The device failed a transition and could not return to a valid state; only a reset
     /// ([`BoundDevice::reset`]) leaves it, to `RUNNING`. Never a valid target.
