@@ -78,6 +78,14 @@
 //!   nothing and state-changing calls fail with [`Error::ForeignProcess`]
 //!   ([`Iommufd::in_owner_process`]).
 //!
+//! # Live migration
+//!
+//! VFIO migration v2 is typed: [`BoundDevice::migration_flags`], [`MigState`] and
+//! [`BoundDevice::set_migration_state`], which accepts any reachable target state (the kernel walks
+//! the path), refuses what the uAPI forbids before any ioctl, and returns the data session it opens
+//! as a [`MigrationData`] (`Read` when saving, `Write` when resuming, with a safe
+//! [`precopy_info`](MigrationData::precopy_info)).
+//!
 //! # Errors
 //!
 //! One [`Error`] type. Kernel failures carry the operation and errno, plus a hint where the errno has a

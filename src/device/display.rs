@@ -1,16 +1,16 @@
-//! Mediated display planes (`VFIO_DEVICE_QUERY_GFX_PLANE`, `VFIO_DEVICE_GET_GFX_DMABUF`, Linux 4.16)
-//! and the migration pre-copy query (`VFIO_MIG_GET_PRECOPY_INFO`, Linux 6.2).
+//! Mediated display planes (`VFIO_DEVICE_QUERY_GFX_PLANE`, `VFIO_DEVICE_GET_GFX_DMABUF`, Linux 4.16).
 //!
-//! The display ioctls are implemented by mediated vGPU drivers (a vGPU's framebuffer exported as a
-//! dma-buf or a region); vfio-pci answers `ENOTTY`. The pre-copy query is issued on the migration data
-//! fd a migration-capable driver returns from its `MIG_DEVICE_STATE` feature, not on the device.
+//! The display ioctls are implemented by mediated display drivers (a vGPU's framebuffer exported as
+//! a dma-buf or a region, such as the kernel's `mbochs` sample); vfio-pci answers `ENOTTY`. A VMM
+//! polls [`BoundDevice::query_gfx_plane`] for the guest's current plane and, for a dma-buf plane,
+//! imports [`BoundDevice::gfx_dmabuf`] into its renderer.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 use iommufd_sys as sys;
 
 use super::BoundDevice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ioctl::{self, Sized32};
 
 /// Which kind of plane a query asks about (`VFIO_GFX_PLANE_TYPE_*`).
@@ -34,7 +34,7 @@ impl GfxPlaneKind {
 /// A display plane as the driver describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GfxPlane {
-    /// DRM plane type (primary, cursor).
+    /// DRM plane type ([`GfxPlane::PRIMARY`], [`GfxPlane::CURSOR`]).
     pub drm_plane_type: u32,
     /// DRM fourcc format.
     pub drm_format: u32,
@@ -56,13 +56,13 @@ pub struct GfxPlane {
     pub id: u32,
 }
 
-/// The driver's estimate of the data still to send in the pre-copy phase of a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrecopyInfo {
-    /// Bytes of initial state not yet read.
-    pub initial_bytes: u64,
-    /// Bytes of state dirtied since.
-    pub dirty_bytes: u64,
+impl GfxPlane {
+    /// `DRM_PLANE_TYPE_OVERLAY`.
+    pub const OVERLAY: u32 = 0;
+    /// `DRM_PLANE_TYPE_PRIMARY`: the framebuffer.
+    pub const PRIMARY: u32 = 1;
+    /// `DRM_PLANE_TYPE_CURSOR`.
+    pub const CURSOR: u32 = 2;
 }
 
 fn gfx_query(
@@ -90,12 +90,17 @@ impl BoundDevice {
         }
     }
 
-    /// Describes the current plane `drm_plane_type` of `kind` (`VFIO_DEVICE_QUERY_GFX_PLANE`).
-    pub fn query_gfx_plane(&self, kind: GfxPlaneKind, drm_plane_type: u32) -> Result<GfxPlane> {
+    /// Describes the current plane `drm_plane_type` ([`GfxPlane::PRIMARY`], ...) of `kind`
+    /// (`VFIO_DEVICE_QUERY_GFX_PLANE`); `None` while the guest shows nothing on it (the driver
+    /// answers with a zero format and size, for example before the guest sets a display mode).
+    pub fn query_gfx_plane(&self, kind: GfxPlaneKind, drm_plane_type: u32) -> Result<Option<GfxPlane>> {
         let a = gfx_query(self, kind.flag(), drm_plane_type)?;
+        if a.drm_format == 0 && a.size == 0 {
+            return Ok(None);
+        }
         // SAFETY: both members of the union are u32; the driver wrote the one `kind` selects.
         let id = unsafe { a.__bindgen_anon_1.dmabuf_id };
-        Ok(GfxPlane {
+        Ok(Some(GfxPlane {
             drm_plane_type: a.drm_plane_type,
             drm_format: a.drm_format,
             drm_format_mod: a.drm_format_mod,
@@ -106,35 +111,21 @@ impl BoundDevice {
             position: (a.x_pos, a.y_pos),
             hotspot: (a.x_hot, a.y_hot),
             id,
-        })
+        }))
     }
 
     /// Exports the plane with dma-buf id `dmabuf_id` (from [`query_gfx_plane`](Self::query_gfx_plane))
-    /// as a dma-buf fd (`VFIO_DEVICE_GET_GFX_DMABUF`).
+    /// as a dma-buf fd (`VFIO_DEVICE_GET_GFX_DMABUF`). The fd is made close-on-exec (drivers may
+    /// install it without the flag).
     pub fn gfx_dmabuf(&self, dmabuf_id: u32) -> Result<OwnedFd> {
         let mut id = dmabuf_id;
         // SAFETY: VFIO_DEVICE_GET_GFX_DMABUF takes a pointer to a u32 plane id, which `id` is (readable
         // for the call); the kernel returns a new fd as the ioctl's result.
         let fd = unsafe { ioctl::call(self.as_fd(), &ioctl::DEVICE_GET_GFX_DMABUF, &mut id) }?;
         // SAFETY: a successful GET_GFX_DMABUF returns a newly installed fd that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| Error::os("fcntl(F_SETFD) on a display dma-buf", e))?;
+        Ok(fd)
     }
-}
-
-/// Queries a migration data fd for the pre-copy estimate (`VFIO_MIG_GET_PRECOPY_INFO`, Linux 6.2).
-///
-/// `migration_fd` is the fd a migration-capable driver returns when the device enters a pre-copy
-/// state (a VFIO device cdev answers `ENOTTY`).
-///
-/// # Safety
-///
-/// `migration_fd` must be a VFIO migration data fd or a VFIO device cdev: ioctl numbers are unique
-/// only per file type, and another driver could read or write this argument as something larger.
-pub unsafe fn precopy_info(migration_fd: impl AsFd) -> Result<PrecopyInfo> {
-    let mut arg = sys::vfio_precopy_info::new();
-    // SAFETY: on a VFIO migration fd, VFIO_MIG_GET_PRECOPY_INFO takes `vfio_precopy_info`, sized by
-    // `new()`, with no pointers; a device cdev does not define the number (ENOTTY, nothing touched).
-    // The caller guarantees the fd is one of the two.
-    unsafe { ioctl::call(migration_fd.as_fd(), &ioctl::MIG_GET_PRECOPY_INFO, &mut arg) }?;
-    Ok(PrecopyInfo { initial_bytes: arg.initial_bytes, dirty_bytes: arg.dirty_bytes })
 }

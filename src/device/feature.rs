@@ -150,6 +150,13 @@ fn feature_hint(feature: DeviceFeature) -> &'static str {
         | DeviceFeature::DMA_LOGGING_REPORT => {
             "the driver has no DMA logging (a migration-capable variant driver such as mlx5-vfio-pci does)"
         }
+        DeviceFeature::MIGRATION
+        | DeviceFeature::MIG_DEVICE_STATE
+        | DeviceFeature::MIG_DATA_SIZE
+        | DeviceFeature::MIG_PRECOPY_INFO_V2 => {
+            "the device's driver has no migration support (vfio-pci needs a migration-capable variant \
+             driver; mediated drivers such as mtty implement it themselves)"
+        }
         _ => "the device's VFIO driver does not implement this feature",
     }
 }
@@ -174,7 +181,7 @@ fn feature_error(feature: DeviceFeature, e: Error) -> Error {
 /// `D` must be the payload structure the kernel reads (and writes) for `feature` with `flags`, and
 /// every user pointer inside `data` must be valid for the kernel's reads and writes through it for the
 /// duration of the call.
-unsafe fn feature_call<D: Copy>(
+pub(super) unsafe fn feature_call<D: Copy>(
     fd: BorrowedFd<'_>,
     feature: DeviceFeature,
     flags: u32,

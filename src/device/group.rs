@@ -58,6 +58,13 @@ impl BoundDevice {
     /// The device is the one behind the cdev's device number (`/sys/dev/char/MAJOR:MINOR`), whatever
     /// path or fd it was opened from. Where sysfs was not mounted when the device was opened, its name
     /// is unknown and this gives [`Error::InvalidArgument`].
+    ///
+    /// A mediated device (mdev) has no IOMMU: it uses iommufd's emulated access path, its device id
+    /// names an access object (so [`hw_info`](Self::hw_info) gives `ENOENT`) and it attaches only to
+    /// an IOAS. With `CONFIG_VFIO_GROUP` the kernel still gives it a group of its own (named
+    /// `vfio-noiommu` in sysfs): this reports that singleton group, holding only the mdev (named by
+    /// its UUID, its driver the mdev driver such as `mtty`). Without `CONFIG_VFIO_GROUP` there is no
+    /// group and this gives [`Error::Open`] (`ENOENT` on `iommu_group`).
     pub fn group(&self) -> Result<GroupFacts> {
         const OP: &str = "BoundDevice::group";
         let dir = match (&self.inner.sysfs, self.name()) {

@@ -10,6 +10,7 @@ mod feature;
 mod group;
 mod hw_info;
 pub(crate) mod ident;
+mod migration;
 mod pci;
 
 pub use access::*;
@@ -17,6 +18,7 @@ pub use display::*;
 pub use feature::*;
 pub use group::*;
 pub use hw_info::*;
+pub use migration::*;
 pub use pci::*;
 
 use std::collections::BTreeMap;
@@ -136,6 +138,7 @@ impl VfioDevice {
                 name: self.device.as_ref().map(|d| d.name.clone()),
                 sysfs: self.device.and_then(|d| d.dir),
                 attached: Mutex::new(BTreeMap::new()),
+                migration: Default::default(),
             }),
         })
     }
@@ -197,6 +200,8 @@ pub(crate) struct DeviceInner {
     /// The device's sysfs directory, resolved from the cdev's device number.
     pub(crate) sysfs: Option<PathBuf>,
     attached: Mutex<BTreeMap<AttachKey, Slot>>,
+    /// Serialises migration state transitions and remembers the migration flags.
+    migration: migration::MigrationShared,
 }
 
 impl DeviceInner {

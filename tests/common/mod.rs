@@ -196,3 +196,49 @@ impl Drop for SharedMemfd {
         let _ = unsafe { rustix::mm::munmap(self.va.cast(), self.len) };
     }
 }
+
+/// A mediated device instance created through the mdev sysfs interface
+/// (`/sys/class/mdev_bus/<parent>/mdev_supported_types/<type>/create`) for one test, and removed
+/// (`/sys/bus/mdev/devices/<uuid>/remove`) when dropped. Drop every handle of the device first: the
+/// kernel waits for its cdev to be closed before it removes it.
+pub struct Mdev {
+    pub uuid: String,
+    pub sysfs: std::path::PathBuf,
+}
+
+impl Mdev {
+    /// Creates an instance of `mdev_type` (`mtty-2`, `mbochs-small`) of the parent device `parent`
+    /// (`mtty`, `mbochs`), named by a fresh UUID. Needs root (the VM's tests run as root).
+    pub fn create(parent: &str, mdev_type: &str) -> Mdev {
+        let create = format!("/sys/class/mdev_bus/{parent}/mdev_supported_types/{mdev_type}/create");
+        let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").expect("read a random UUID");
+        let uuid = uuid.trim().to_string();
+        std::fs::write(&create, &uuid).unwrap_or_else(|e| panic!("write {uuid} to {create}: {e}"));
+        Mdev { sysfs: std::path::PathBuf::from("/sys/bus/mdev/devices").join(&uuid), uuid }
+    }
+
+    /// The instance's VFIO cdev, `/dev/vfio/devices/vfioN`, from `<sysfs>/vfio-dev/vfioN`.
+    pub fn cdev(&self) -> std::path::PathBuf {
+        let dir = self.sysfs.join("vfio-dev");
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let name = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("vfio"))
+            .unwrap_or_else(|| panic!("no vfioN in {}", dir.display()));
+        std::path::PathBuf::from("/dev/vfio/devices").join(name)
+    }
+
+    /// Opens the instance's cdev and binds it to `iommufd`.
+    pub fn bind(&self, iommufd: &Iommufd) -> BoundDevice {
+        VfioDevice::open(self.cdev()).expect("open mdev cdev").bind(iommufd).expect("bind mdev")
+    }
+}
+
+impl Drop for Mdev {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(self.sysfs.join("remove"), "1") {
+            eprintln!("removing mdev {}: {e}", self.uuid);
+        }
+    }
+}
