@@ -244,6 +244,16 @@ pub struct Capabilities {
     /// `iommu_viommu_alloc.data_len/data_uptr` (6.17): driver-specific vIOMMU data. From the structure
     /// size.
     pub viommu_alloc_data: bool,
+    /// `IOMMU_HWPT_FAULT_ID_VALID` on a paging (not nested) HWPT (6.13; nested ones take it since 6.11).
+    /// The kernel checks the flag only after looking up the device and page table, so no call can
+    /// probe it without side effects: it is inferred from the ioctls that came in the same release
+    /// (`IOMMU_IOAS_CHANGE_PROCESS` and the rest of 6.13).
+    pub hwpt_paging_fault_id: bool,
+    /// `IOMMU_HWPT_ALLOC_PASID` (6.15): PASID-compatible page tables. Checked by the kernel only at
+    /// allocation, like [`hwpt_paging_fault_id`](Self::hwpt_paging_fault_id): inferred from
+    /// [`hw_info_max_pasid`](Self::hw_info_max_pasid), which came with it in the PASID attachment
+    /// series.
+    pub hwpt_alloc_pasid: bool,
     /// `IOMMU_IOAS_NOIOMMU_GET_PA` is implemented (the kernel has `CONFIG_IOMMUFD_NOIOMMU`, selected by
     /// `CONFIG_VFIO_NOIOMMU`); without it the ioctl exists but always answers `EOPNOTSUPP`. Probed with
     /// `length` 0, which an implementing kernel refuses with `EINVAL` (or `EPERM` without
@@ -279,8 +289,30 @@ impl Capabilities {
         if self.supports(ioctl) {
             Ok(())
         } else {
-            Err(Error::Unsupported { op: ioctl.name(), since: ioctl.since() })
+            Err(Error::unsupported(ioctl.name(), ioctl.since(), Errno::NOTTY))
         }
+    }
+
+    /// True if the running kernel is known to be older than Linux `release` (`"6.19"`): it lacks an
+    /// iommufd ioctl that `release` or an earlier release introduced. Every iommufd ioctl is built
+    /// into every kernel of its release (none depends on a config option), so a missing one dates the
+    /// kernel. False when nothing says so (the kernel may still be older, if no ioctl came between it
+    /// and `release`); false for a `release` that does not parse as `MAJOR.MINOR`.
+    pub fn predates(&self, release: &str) -> bool {
+        let Some(wanted) = parse_release(release) else { return false };
+        self.unsupported().iter().any(|i| parse_release(i.since()).is_some_and(|since| since <= wanted))
+    }
+
+    /// `Ok` unless `known` is false: then the [`Error::Unsupported`] for the newer flag or field `op`,
+    /// added in `since`, with the errno a kernel without it answers.
+    pub(crate) fn require_field(
+        &self,
+        known: bool,
+        op: &'static str,
+        since: &'static str,
+        errno: Errno,
+    ) -> Result<()> {
+        if known { Ok(()) } else { Err(Error::unsupported(op, since, errno)) }
     }
 
     /// Derives the field-level booleans that follow from structure sizes; the flag-probed ones are
@@ -297,10 +329,21 @@ impl Capabilities {
             hw_info_max_pasid: sizes[Ioctl::GetHwInfo.index()].is_some() && flags.hw_info_max_pasid,
             hw_info_input_type: sizes[Ioctl::GetHwInfo.index()].is_some() && flags.hw_info_input_type,
             viommu_alloc_data: at_least(Ioctl::ViommuAlloc, offset_end!(sys::iommu_viommu_alloc, data_uptr)),
+            hwpt_paging_fault_id: at_least(Ioctl::HwptAlloc, offset_end!(sys::iommu_hwpt_alloc, fault_id))
+                && sizes[Ioctl::IoasChangeProcess.index()].is_some(),
+            hwpt_alloc_pasid: sizes[Ioctl::HwptAlloc.index()].is_some()
+                && sizes[Ioctl::GetHwInfo.index()].is_some()
+                && flags.hw_info_max_pasid,
             noiommu: sizes[Ioctl::IoasNoiommuGetPa.index()].is_some() && flags.noiommu,
             sizes,
         }
     }
+}
+
+/// `"6.15"` as `(6, 15)`.
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let (major, minor) = release.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -584,7 +627,6 @@ impl BoundDevice {
 
 /// Whether the kernel binds cdevs with a VF token ([`DeviceCapabilities::bind_token`]). Works on a
 /// cdev whether or not it is bound yet: every answer comes before the bind is attempted.
-#[allow(dead_code, reason = "for VfioDevice::bind_with_token to check before sending the token")]
 pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
     bind_token_probe(cdev, &mut GuardPage::new()?)
 }
@@ -689,7 +731,9 @@ mod tests {
         assert_eq!(six_six.supported(), vec![Ioctl::IoasAlloc, Ioctl::HwptAlloc, Ioctl::GetHwInfo]);
         assert_eq!(six_six.unsupported().len(), 19);
         match six_six.require(Ioctl::IoasMapFile) {
-            Err(Error::Unsupported { op, since }) => assert_eq!((op, since), ("IOMMU_IOAS_MAP_FILE", "6.13")),
+            Err(Error::Unsupported { op, since, errno }) => {
+                assert_eq!((op, since, errno), ("IOMMU_IOAS_MAP_FILE", "6.13", Errno::NOTTY))
+            }
             other => panic!("{other:?}"),
         }
         assert!(six_six.require(Ioctl::HwptAlloc).is_ok());

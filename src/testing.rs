@@ -186,6 +186,86 @@ fn op_name(op: u32) -> &'static str {
     )
 }
 
+/// The test ops added after Linux 6.12 (the oldest kernel the crate is tested on), with the release
+/// that added each. They were appended to the op enum, so a kernel that knows one knows the ones
+/// before it.
+const NEWER_OPS: [(u32, &str); 8] = [
+    (tsys::IOMMU_TEST_OP_DEV_CHECK_CACHE, "6.14"),
+    (tsys::IOMMU_TEST_OP_TRIGGER_VEVENT, "6.15"),
+    (tsys::IOMMU_TEST_OP_PASID_ATTACH, "6.15"),
+    (tsys::IOMMU_TEST_OP_PASID_REPLACE, "6.15"),
+    (tsys::IOMMU_TEST_OP_PASID_DETACH, "6.15"),
+    (tsys::IOMMU_TEST_OP_PASID_CHECK_HWPT, "6.15"),
+    (tsys::IOMMU_TEST_OP_DMABUF_GET, "6.19"),
+    (tsys::IOMMU_TEST_OP_DMABUF_REVOKE, "6.19"),
+];
+
+/// The release that added test op `op`, if it came after 6.12.
+fn op_since(op: u32) -> Option<&'static str> {
+    NEWER_OPS.iter().find(|(o, _)| *o == op).map(|&(_, since)| since)
+}
+
+/// The newest test op the running kernel's mock IOMMU knows, found once per process (the kernel does
+/// not change under it).
+static NEWEST_OP: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The newest test op the running kernel knows. An unknown op is refused with `EOPNOTSUPP` before
+/// anything else; each probe gives a known op an argument it fails on without side effects (object id
+/// 0, which no object has, or dma-buf fd -1), so any other answer means "known".
+fn newest_known_op(iommufd: &Iommufd) -> Result<u32> {
+    if let Some(&op) = NEWEST_OP.get() {
+        return Ok(op);
+    }
+    let mut newest = tsys::IOMMU_TEST_OP_TRIGGER_IOPF;
+    for op in [
+        tsys::IOMMU_TEST_OP_DMABUF_REVOKE,
+        tsys::IOMMU_TEST_OP_PASID_CHECK_HWPT,
+        tsys::IOMMU_TEST_OP_TRIGGER_VEVENT,
+        tsys::IOMMU_TEST_OP_DEV_CHECK_CACHE,
+    ] {
+        let mut cmd = new_cmd(op, 0);
+        if op == tsys::IOMMU_TEST_OP_DMABUF_REVOKE {
+            cmd.__bindgen_anon_1.dmabuf_revoke =
+                tsys::iommu_test_cmd__bindgen_ty_1__bindgen_ty_23 { dmabuf_fd: -1, revoked: 0 };
+        }
+        let probe = Op { name: op_name(op), ..TEST_CMD };
+        // SAFETY: these ops carry no user pointers. With object id 0 (and device id 0 in
+        // `trigger_vevent`, zeroed) the lookups of DEV_CHECK_CACHE, TRIGGER_VEVENT and
+        // PASID_CHECK_HWPT fail with ENOENT, and DMABUF_REVOKE of fd -1 with EBADF, before any state
+        // is touched; an unknown op fails with EOPNOTSUPP before that.
+        match unsafe { ioctl::call(iommufd.as_fd(), &probe, &mut cmd) } {
+            Err(e) if e.errno() == Some(Errno::OPNOTSUPP) => continue,
+            Err(e @ Error::Unsupported { .. }) => return Err(e),
+            _ => {
+                newest = op;
+                break;
+            }
+        }
+    }
+    Ok(*NEWEST_OP.get_or_init(|| newest))
+}
+
+/// `Ok` if the running kernel's mock knows `op`; otherwise the [`Error::Unsupported`] (with the
+/// `EOPNOTSUPP` the kernel would answer) naming the release that added it.
+fn require_op(iommufd: &Iommufd, op: u32) -> Result<()> {
+    let Some(since) = op_since(op) else { return Ok(()) };
+    if op <= newest_known_op(iommufd)? {
+        Ok(())
+    } else {
+        Err(Error::unsupported(op_name(op), since, Errno::OPNOTSUPP))
+    }
+}
+
+/// True if the running kernel's mock keeps its page table in the generic IOMMU page table library,
+/// which records dirty bits per page table entry. Older mocks keep one entry per [`PAGE_SIZE`] and look
+/// up `IOMMU_TEST_OP_DIRTY`'s IOVAs in units of its `page_size`, so there [`set_dirty`] marks at
+/// [`PAGE_SIZE`] granularity. Known for certain only where the kernel has the dma-buf ops (the generic
+/// page table came to the mock in the same or an earlier release); elsewhere the granular way is taken,
+/// which gives the same result on both.
+fn generic_pt_mock(iommufd: &Iommufd) -> Result<bool> {
+    Ok(newest_known_op(iommufd)? >= tsys::IOMMU_TEST_OP_DMABUF_GET)
+}
+
 /// A zeroed command for `op` on object `id`, with its `size` set.
 fn new_cmd(op: u32, id: u32) -> tsys::iommu_test_cmd {
     tsys::iommu_test_cmd {
@@ -225,6 +305,7 @@ unsafe fn test_cmd(iommufd: &Iommufd, cmd: &mut tsys::iommu_test_cmd) -> Result<
 ///
 /// As for [`test_cmd`].
 unsafe fn test_cmd_ret(iommufd: &Iommufd, cmd: &mut tsys::iommu_test_cmd) -> Result<std::ffi::c_int> {
+    require_op(iommufd, cmd.op)?;
     let op = Op { name: op_name(cmd.op), ..TEST_CMD };
     // SAFETY: IOMMU_TEST_CMD on an iommufd takes `struct iommu_test_cmd`, whose `size` `new_cmd` set to
     // the full structure (72 bytes in 7.3.4; the kernel accepts any size from its own `last` member
@@ -399,6 +480,16 @@ impl MockDevice {
     fn create(pt: &impl PageTable, flags: Option<MockDeviceFlags>) -> Result<MockDevice> {
         let pt = pt.pt_ref();
         let iommufd = pt.iommufd().clone();
+        if flags.is_some_and(|f| f.contains(MockDeviceFlags::PASID))
+            && require_op(&iommufd, tsys::IOMMU_TEST_OP_PASID_ATTACH).is_err()
+        {
+            // The flag came with the PASID ops; an older mock refuses it with EINVAL.
+            return Err(Error::unsupported(
+                "IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS (MOCK_FLAGS_DEVICE_PASID)",
+                "6.15",
+                Errno::INVAL,
+            ));
+        }
         let mut cmd = match flags {
             None => new_cmd(tsys::IOMMU_TEST_OP_MOCK_DOMAIN, pt.id()),
             Some(flags) => {
@@ -769,6 +860,65 @@ pub fn set_dirty(iommufd: &Iommufd, hwpt_id: u32, iova: u64, page_size: u64, bit
         .checked_mul(64)
         .and_then(|pages| pages.checked_mul(page_size))
         .ok_or_else(|| Error::invalid(OP, "bitmap covers more than the IOVA space"))?;
+    if page_size != PAGE_SIZE && !generic_pt_mock(iommufd)? {
+        return set_dirty_granular(iommufd, hwpt_id, iova, page_size, bitmap);
+    }
+    raw_set_dirty(iommufd, hwpt_id, iova, length, page_size, bitmap)
+}
+
+/// [`set_dirty`] on a mock that keeps one entry per [`PAGE_SIZE`] (see [`generic_pt_mock`]): each page
+/// of `page_size` is marked as its [`PAGE_SIZE`] pieces, and the count is given in pages of
+/// `page_size` again.
+fn set_dirty_granular(
+    iommufd: &Iommufd,
+    hwpt_id: u32,
+    iova: u64,
+    page_size: u64,
+    bitmap: &[u64],
+) -> Result<u64> {
+    const OP: &str = "IOMMU_TEST_OP_DIRTY";
+    if page_size % PAGE_SIZE != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("page size {page_size:#x} is not a multiple of the mock's {PAGE_SIZE:#x}"),
+        ));
+    }
+    let ratio = page_size / PAGE_SIZE;
+    let pieces = (bitmap.len() as u64).checked_mul(64).and_then(|bits| bits.checked_mul(ratio));
+    let words = pieces.map(|p| p / 64).filter(|&w| w <= MAX_GRANULAR_WORDS).ok_or_else(|| {
+        Error::invalid(
+            OP,
+            format!(
+                "a {page_size:#x}-byte page size over {} bitmap words is too large for this kernel's mock",
+                bitmap.len()
+            ),
+        )
+    })?;
+    let mut fine = vec![0u64; words as usize];
+    for (w, &word) in bitmap.iter().enumerate() {
+        for bit in (0..64).filter(|b| word & (1 << b) != 0) {
+            let first = (w as u64 * 64 + bit) * ratio;
+            for piece in first..first + ratio {
+                fine[(piece / 64) as usize] |= 1 << (piece % 64);
+            }
+        }
+    }
+    let length = words * 64 * PAGE_SIZE;
+    Ok(raw_set_dirty(iommufd, hwpt_id, iova, length, PAGE_SIZE, &fine)? / ratio)
+}
+
+/// The largest bitmap [`set_dirty_granular`] builds (16 MiB, the kernel's own limit on the bitmap).
+const MAX_GRANULAR_WORDS: u64 = (16 << 20) / 8;
+
+/// `IOMMU_TEST_OP_DIRTY` as the kernel takes it; `length` is `64 * bitmap.len() * page_size`.
+fn raw_set_dirty(
+    iommufd: &Iommufd,
+    hwpt_id: u32,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    bitmap: &[u64],
+) -> Result<u64> {
     let mut cmd = new_cmd(tsys::IOMMU_TEST_OP_DIRTY, hwpt_id);
     cmd.__bindgen_anon_1.dirty = tsys::iommu_test_cmd__bindgen_ty_1__bindgen_ty_13 {
         iova,

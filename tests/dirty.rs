@@ -10,6 +10,8 @@
 //! buffer is untouched, and that only the window is reported.
 #![cfg(feature = "testing")]
 
+mod common;
+
 use std::os::fd::OwnedFd;
 
 use iommufd::testing::{self, MockDevice};
@@ -96,6 +98,9 @@ fn assert_guard_clean(bitmap: &DirtyBitmap) {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_dirty_huge_page_is_reported_only_inside_small_windows() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let h = DirtyHugePage::new();
     for window in [PAGE, 16 * PAGE] {
         let pages = window / PAGE;
@@ -141,6 +146,9 @@ fn a_dirty_huge_page_is_reported_only_inside_small_windows() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_window_starting_inside_a_dirty_huge_page_misses_it() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     // The documented kernel behaviour (`DirtyBitmap`, "Choosing the windows"): the entry begins before
     // the window, `iova_bitmap_set` drops it, and with clear the entry is cleaned all the same.
     let h = DirtyHugePage::new();
@@ -160,6 +168,9 @@ fn a_window_starting_inside_a_dirty_huge_page_misses_it() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn the_kernel_may_write_one_page_past_the_bitmap_pages() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     // A one-page (512-word) bitmap whose only dirty entry begins in word 508: the kernel pins from the
     // page holding word 508 on, `ceil(4 * 8 / 4096)` pages plus one because word 508 is not at a page
     // start, and sets the entry's 512 bits from bit 32512 on, 256 of them in the second page. Rounding
@@ -199,6 +210,9 @@ fn the_kernel_may_write_one_page_past_the_bitmap_pages() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn multi_word_dirty_bitmaps() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     // As the kernel selftests: 64 MiB and more, 4 KiB IOMMU pages, dirty pages in many words.
     const PAGES: u64 = 16384 + 3 * 64 + 5; // 64 MiB + 3 words + 5 pages: a partial last word
     let fd = Iommufd::open().expect("open /dev/iommu");

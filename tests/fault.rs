@@ -43,6 +43,9 @@ fn setup() -> (Iommufd, iommufd::Ioas, MockDevice, FaultQueue, Hwpt) {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn faults_are_read_and_answered() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, faults, _hwpt) = setup();
     assert_ne!(faults.id(), 0);
     assert!(faults.as_raw_fd() >= 0);
@@ -106,6 +109,9 @@ fn faults_are_read_and_answered() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn waits_without_limit_and_reads_of_many_batches() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, faults, _hwpt) = setup();
     // A timeout the clock cannot add to now is no limit (it used to panic on Instant overflow).
     dev.trigger_iopf(&request(1, 0x6000)).unwrap();
@@ -130,6 +136,9 @@ fn waits_without_limit_and_reads_of_many_batches() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn pasid_faults_carry_the_pasid() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let dev = MockDevice::with_flags(&ioas, MockDeviceFlags::PASID).unwrap();
@@ -153,6 +162,9 @@ fn pasid_faults_carry_the_pasid() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn queue_outlives_the_hwpts_reporting_to_it() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     logs::start();
     let (iommufd, ioas, dev, faults, hwpt) = setup();
     let (fault_id, hwpt_id) = (faults.id(), hwpt.id());
@@ -197,6 +209,9 @@ fn is_fault_fd(raw: std::os::fd::RawFd) -> bool {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn bad_combinations_are_refused() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let dev = MockDevice::new(&ioas).unwrap();
@@ -224,6 +239,9 @@ fn bad_combinations_are_refused() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn async_fault_queue_wakes_on_a_fault() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, faults, _hwpt) = setup();
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
     let got = std::thread::scope(|s| {

@@ -7,6 +7,8 @@
 //! the kernel itself answers, so the two stay in agreement.
 #![cfg(feature = "testing")]
 
+mod common;
+
 use std::os::fd::{AsFd, AsRawFd};
 
 use iommufd::sys::testing as tsys;
@@ -104,6 +106,9 @@ fn raw_alloc_nested(fd: &Iommufd, dev_id: u32, pt_id: u32) -> Result<u32, Errno>
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn nest_parent_on_the_mock_iommu() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     assert_eq!(parent.kind(), HwptKind::Paging);
@@ -122,6 +127,9 @@ fn nest_parent_on_the_mock_iommu() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn nested_hwpt_with_selftest_data() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     let nested =
@@ -162,6 +170,9 @@ fn nested_hwpt_with_selftest_data() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn nested_needs_a_nest_parent() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let data = selftest_data(testing::IOTLB_DEFAULT);
     let plain = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
@@ -185,6 +196,9 @@ fn nested_needs_a_nest_parent() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn invalidate_with_selftest_entries() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     let nested =
@@ -255,6 +269,9 @@ fn invalidate_with_selftest_entries() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn wrong_object_types() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     let nested =
@@ -282,6 +299,9 @@ fn wrong_object_types() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn dirty_tracking_on_the_mock_iommu() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     const PAGE: u64 = 4096;
     const PAGES: u64 = 32;
     let (fd, ioas, dev) = setup();
@@ -353,6 +373,9 @@ fn dirty_tracking_on_the_mock_iommu() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn dirty_tracking_refused_by_a_device_without_it() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let fd = Iommufd::open().unwrap();
     let ioas = fd.alloc_ioas().unwrap();
     let dev = MockDevice::with_flags(&ioas, testing::MockDeviceFlags::NO_DIRTY).unwrap();
@@ -364,6 +387,9 @@ fn dirty_tracking_refused_by_a_device_without_it() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn nested_keeps_its_parent_and_fault_queue_alive() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     let parent_id = parent.id();
@@ -411,6 +437,9 @@ fn nested_keeps_its_parent_and_fault_queue_alive() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn dropping_in_any_order_tears_down_children_first() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let ids;
     {
@@ -439,6 +468,9 @@ fn dropping_in_any_order_tears_down_children_first() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_refused_destroy_gives_the_handle_back() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     let parent_id = parent.id();
@@ -467,6 +499,9 @@ fn a_refused_destroy_gives_the_handle_back() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_refused_destroy_left_to_drop_destroys_later() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (fd, ioas, dev) = setup();
     let parent = nest_parent(&dev, &ioas);
     let parent_id = parent.id();

@@ -1023,6 +1023,9 @@ impl Harness {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn model_random_operation_sequences() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let _ = IGNORE;
     let started = Instant::now();
     let mut counts: BTreeMap<&'static str, (u32, u32)> = BTreeMap::new();
@@ -1102,6 +1105,9 @@ fn leaked_area(ioas: &Ioas, iova: u64, pages: u64) -> (u64, *const u8) {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn unmap_range_removes_only_fully_contained_areas() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev) = mock_ioas();
     let p = page();
     let base = testing::APERTURE.start + 4 * p;
@@ -1143,6 +1149,9 @@ fn unmap_range_removes_only_fully_contained_areas() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn automatic_iova_alignment_follows_length_and_address() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev) = mock_ioas();
     let p = page();
     let file = memfd_file(16, false);
@@ -1199,6 +1208,9 @@ fn automatic_iova_alignment_follows_length_and_address() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn allowed_and_reserved_ranges_exclude_each_other() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, _dev) = mock_ioas();
     let p = page();
     let base = testing::APERTURE.start;
@@ -1249,6 +1261,9 @@ fn allowed_and_reserved_ranges_exclude_each_other() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn huge_page_option_changes_the_iova_alignment() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let p = page();
     let iommufd = Iommufd::open().unwrap();
 
@@ -1289,6 +1304,9 @@ fn huge_page_option_changes_the_iova_alignment() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn iova_allocation_for_odd_lengths() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev) = mock_ioas();
     let p = page();
     let file = memfd_file(32, false);
@@ -1322,6 +1340,9 @@ fn iova_allocation_for_odd_lengths() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn two_domains_on_one_ioas_hold_the_same_mappings() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev1) = mock_ioas();
     let p = page();
     let (buf_a, va_a) = buffer(4);
@@ -1369,6 +1390,9 @@ fn two_domains_on_one_ioas_hold_the_same_mappings() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn access_pin_and_rw_sweeps() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, _dev) = mock_ioas();
     let p = page();
     let pages = 4u64;
@@ -1439,6 +1463,9 @@ fn access_pin_and_rw_sweeps() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST and hugetlb pages: run by cargo xtask vm-test"]
 fn huge_page_backed_mappings_translate_whole() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev) = mock_ioas();
     // A hugetlbfs memfd of one 2 MiB page (the VM reserves huge pages at boot).
     let file = memfd_file(HPAGE / page(), true);

@@ -2,6 +2,8 @@
 //! away from reserved ranges the kernel adds later, and cheap at many thousands of mappings.
 #![cfg(feature = "testing")]
 
+mod common;
+
 use std::time::Instant;
 
 use iommufd::testing::{self, MockDevice};
@@ -33,6 +35,9 @@ fn assert_disjoint(mappings: &[Mapping]) {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn placement_below_a_limit_is_free_aligned_and_under_the_limit() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let _mock = MockDevice::new(&ioas).unwrap();
@@ -83,6 +88,9 @@ fn placement_below_a_limit_is_free_aligned_and_under_the_limit() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn placement_learns_reserved_ranges_added_after_it_looked() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let _mock = MockDevice::new(&ioas).unwrap();

@@ -66,6 +66,9 @@ fn mock_nested_data() -> NestedData {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_children_and_explicit_teardown() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, _ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).expect("IOMMU_VIOMMU_ALLOC");
     assert_ne!(viommu.id(), 0);
@@ -101,6 +104,9 @@ fn viommu_children_and_explicit_teardown() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn dropping_parents_first_still_tears_down_children_first() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     logs::start();
     let (iommufd, ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
@@ -129,6 +135,9 @@ fn dropping_parents_first_still_tears_down_children_first() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_driver_data_is_read_and_written_back() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, _ioas, dev, parent) = setup();
     // struct iommu_viommu_selftest { in_data, out_data, out_mmap_offset, out_mmap_length }.
     let mut data = [0u8; 24];
@@ -147,6 +156,9 @@ fn viommu_driver_data_is_read_and_written_back() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_alloc_errors() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
 
     // Not a nest parent: refused before the ioctl (the kernel would say EINVAL).
@@ -180,6 +192,9 @@ fn viommu_alloc_errors() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn vdevice_errors() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
     let dev2 = MockDevice::new(&ioas).unwrap();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
@@ -200,6 +215,9 @@ fn vdevice_errors() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn veventq_errors() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, _ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
     assert_eq!(errno(Veventq::alloc(&viommu, VeventqType::Default, 8)), Errno::OPNOTSUPP);
@@ -218,6 +236,9 @@ fn veventq_errors() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn vevents_are_delivered_and_losses_accounted() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
@@ -279,6 +300,9 @@ fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_veventq_type_that_does_not_match_its_events_is_an_error_not_a_spin() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
     let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
@@ -345,6 +369,9 @@ fn a_veventq_type_that_does_not_match_its_events_is_an_error_not_a_spin() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_invalidation_reaches_the_device_cache() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, _ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
     let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
@@ -379,6 +406,9 @@ fn viommu_invalidation_reaches_the_device_cache() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn hw_queues_pin_their_memory_and_chain() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
     let page = page_size() as u64;
     let iova = testing::APERTURE.start;
@@ -448,6 +478,9 @@ fn hw_queues_pin_their_memory_and_chain() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     logs::start();
     let (iommufd, ioas, dev, parent) = setup();
     let page = page_size() as u64;
@@ -477,6 +510,9 @@ fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn async_veventq_wakes_on_an_event() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, parent) = setup();
     let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();

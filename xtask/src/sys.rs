@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::apt::Apt;
-use crate::kernel::{SOURCE_PACKAGE, SOURCE_VERSION};
+use crate::kernel::{Kernel, PINNED};
 use crate::{Result, cache_dir, run, workspace_root};
 
 /// The pinned kernel uAPI: Debian package and version of `linux-libc-dev`.
@@ -131,15 +131,16 @@ pub fn sys_headers() -> Result<()> {
     Ok(())
 }
 
-/// Extracts [`TEST_HEADER`] alone from the pinned kernel source package (once) and returns the directory
-/// that stands for the top of the source tree (it holds only that file).
-fn test_header_root() -> Result<PathBuf> {
-    let root = cache_dir().join(format!("kernel-test-header-{SOURCE_VERSION}"));
+/// Extracts [`TEST_HEADER`] alone from `kernel`'s source package (once) and returns the directory that
+/// stands for the top of the source tree (it holds only that file).
+fn test_header_root(kernel: &Kernel) -> Result<PathBuf> {
+    let (package, version) = (kernel.package, kernel.version);
+    let root = cache_dir().join(format!("kernel-test-header-{version}"));
     let stamp = root.join(".extracted");
     if stamp.exists() {
         return Ok(root);
     }
-    let deb = Apt::new()?.download(SOURCE_PACKAGE, SOURCE_VERSION)?;
+    let deb = Apt::new()?.download(package, version)?;
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }
@@ -151,13 +152,13 @@ fn test_header_root() -> Result<PathBuf> {
     run(Command::new("bash")
         .args(["-c", &format!("set -o pipefail; {script}"), "bash"])
         .arg(&deb)
-        .arg(SOURCE_PACKAGE)
+        .arg(package)
         .arg(&root)
         .arg(TEST_HEADER))?;
     if !root.join(TEST_HEADER).exists() {
-        return Err(format!("{} has no {SOURCE_PACKAGE}/{TEST_HEADER}", deb.display()).into());
+        return Err(format!("{} has no {package}/{TEST_HEADER}", deb.display()).into());
     }
-    std::fs::write(&stamp, format!("{SOURCE_PACKAGE} {SOURCE_VERSION}\n"))?;
+    std::fs::write(&stamp, format!("{package} {version}\n"))?;
     Ok(root)
 }
 
@@ -222,7 +223,7 @@ fn generate_testing(include: &Path, source: &Path, ioctls: &[String]) -> Result<
     writeln!(out, "// changes between kernels, and this file is pinned to the test VM's kernel.")?;
     writeln!(out, "//")?;
     writeln!(out, "// kernel:      Linux {KERNEL_VERSION}")?;
-    writeln!(out, "// source:      Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")?;
+    writeln!(out, "// source:      Debian {} {}", PINNED.package, PINNED.version)?;
     writeln!(out, "// file:        {TEST_HEADER}")?;
     writeln!(
         out,
@@ -456,7 +457,7 @@ fn generate_checked() -> Result<(String, String)> {
         return Err(format!("expected 22 IOMMU_* ioctls in {KERNEL_VERSION}, found {iommu}").into());
     }
 
-    let source = test_header_root()?;
+    let source = test_header_root(&PINNED)?;
     let ioctls = options::ioctl_macros(&[&source.join(TEST_HEADER)])?;
     let testing = generate_testing(&include, &source, &ioctls)?;
     let oracle = Oracle {
