@@ -189,7 +189,8 @@ impl Hwpt {
         faults: Option<ObjRef>,
     ) -> Result<Hwpt> {
         device.iommufd().check_same(ioas.iommufd(), HWPT_ALLOC)?;
-        if faults.is_some() {
+        if let Some(faults) = &faults {
+            device.iommufd().check_same(faults.iommufd(), HWPT_ALLOC)?;
             let caps = device.iommufd().capabilities()?;
             // Before 6.13 the kernel refuses the flag on a paging table with EOPNOTSUPP, as an IOMMU
             // driver without fault support would.

@@ -250,9 +250,10 @@ pub struct Capabilities {
     /// (`IOMMU_IOAS_CHANGE_PROCESS` and the rest of 6.13).
     pub hwpt_paging_fault_id: bool,
     /// `IOMMU_HWPT_ALLOC_PASID` (6.15): PASID-compatible page tables. Checked by the kernel only at
-    /// allocation, like [`hwpt_paging_fault_id`](Self::hwpt_paging_fault_id): inferred from
-    /// [`hw_info_max_pasid`](Self::hw_info_max_pasid), which came with it in the PASID attachment
-    /// series.
+    /// allocation, like [`hwpt_paging_fault_id`](Self::hwpt_paging_fault_id): inferred from the
+    /// ioctl that came in the same release (`IOMMU_VEVENTQ_ALLOC`). Not from
+    /// [`hw_info_max_pasid`](Self::hw_info_max_pasid): stable 6.12 kernels report the PASID width
+    /// without taking the flag.
     pub hwpt_alloc_pasid: bool,
     /// `IOMMU_IOAS_NOIOMMU_GET_PA` is implemented (the kernel has `CONFIG_IOMMUFD_NOIOMMU`, selected by
     /// `CONFIG_VFIO_NOIOMMU`); without it the ioctl exists but always answers `EOPNOTSUPP`. Probed with
@@ -332,8 +333,7 @@ impl Capabilities {
             hwpt_paging_fault_id: at_least(Ioctl::HwptAlloc, offset_end!(sys::iommu_hwpt_alloc, fault_id))
                 && sizes[Ioctl::IoasChangeProcess.index()].is_some(),
             hwpt_alloc_pasid: sizes[Ioctl::HwptAlloc.index()].is_some()
-                && sizes[Ioctl::GetHwInfo.index()].is_some()
-                && flags.hw_info_max_pasid,
+                && sizes[Ioctl::VeventqAlloc.index()].is_some(),
             noiommu: sizes[Ioctl::IoasNoiommuGetPa.index()].is_some() && flags.noiommu,
             sizes,
         }
@@ -637,6 +637,13 @@ pub(crate) fn probe_pasid_attach(cdev: BorrowedFd<'_>) -> Result<bool> {
     pasid_probe(cdev, &mut GuardPage::new()?)
 }
 
+/// Who lacks PASID attachment, if anyone: `Ok(None)` if the kernel and driver accept it,
+/// `Some(Errno::INVAL)` if the kernel predates the flag (6.15), `Some(Errno::OPNOTSUPP)` if the
+/// device's driver does not implement it. The cdev must be bound.
+pub(crate) fn pasid_attach_refusal(cdev: BorrowedFd<'_>) -> Result<Option<Errno>> {
+    pasid_answer(cdev, &mut GuardPage::new()?)
+}
+
 fn bind_token_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
     // Kernels before the token field refuse `iommufd = -1` (offset 8) with EINVAL before anything else.
     let iommufd_at = offset_of!(sys::vfio_device_bind_iommufd, iommufd);
@@ -647,6 +654,11 @@ fn bind_token_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
 
 /// The PASID attach probe ([`DeviceCapabilities::pasid_attach`]).
 fn pasid_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
+    Ok(pasid_answer(fd, guard)?.is_none())
+}
+
+/// The PASID attach probe's answer: `None` if accepted, else the errno of the refusal.
+fn pasid_answer(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<Option<Errno>> {
     let op = &ioctl::DEVICE_ATTACH_IOMMUFD_PT;
     let pasid_at = offset_of!(sys::vfio_device_attach_iommufd_pt, pasid);
     let buf = guard.tail(pasid_at);
@@ -659,8 +671,8 @@ fn pasid_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
     // of these writes anything (the kernel writes `pt_id` back only after a successful attach).
     let r = errno_of(unsafe { ioctl::call_buf(fd, op, buf) });
     match r {
-        Err(Errno::FAULT) => Ok(true),
-        Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok(false),
+        Err(Errno::FAULT) => Ok(None),
+        Err(e @ (Errno::INVAL | Errno::OPNOTSUPP)) => Ok(Some(e)),
         other => Err(unexpected(op.name, "PASID flag", other)),
     }
 }

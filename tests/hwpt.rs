@@ -28,11 +28,15 @@ fn setup() -> (Iommufd, Ioas, MockDevice) {
     (fd, ioas, dev)
 }
 
-/// `struct iommu_hwpt_selftest` for the mock driver: every mock IOTLB entry starts at `iotlb`.
+/// `struct iommu_hwpt_selftest` for the mock driver, at the running kernel's size: every mock IOTLB
+/// entry starts at `iotlb`. The structure is `iotlb` alone on 6.12 (whose mock refuses longer data
+/// with EINVAL) and gained `pagetable_type` with the mock's generic page table (7.3, the bindings).
 fn selftest_data(iotlb: u32) -> NestedData {
     assert_eq!(std::mem::size_of::<tsys::iommu_hwpt_selftest>(), 8);
     let mut bytes = iotlb.to_ne_bytes().to_vec();
-    bytes.extend_from_slice(&tsys::MOCK_IOMMUPT_DEFAULT.to_ne_bytes()); // pagetable_type
+    if !common::predates("6.13") {
+        bytes.extend_from_slice(&tsys::MOCK_IOMMUPT_DEFAULT.to_ne_bytes()); // pagetable_type
+    }
     NestedData::Raw { data_type: tsys::IOMMU_HWPT_DATA_SELFTEST, bytes }
 }
 
@@ -93,7 +97,8 @@ fn raw_alloc_nested(fd: &Iommufd, dev_id: u32, pt_id: u32) -> Result<u32, Errno>
         dev_id,
         pt_id,
         data_type: tsys::IOMMU_HWPT_DATA_SELFTEST,
-        data_len: std::mem::size_of_val(&data) as u32,
+        // Only `iotlb` on a kernel whose structure has nothing else (see `selftest_data`).
+        data_len: if common::predates("6.13") { 4 } else { std::mem::size_of_val(&data) as u32 },
         data_uptr: &data as *const _ as u64,
         ..Default::default()
     };

@@ -315,14 +315,21 @@ impl BoundDevice {
                 "PASID 0 means no PASID to the kernel (IOMMU_NO_PASID), a whole-device attach: use attach()",
             ));
         }
+        // A kernel before 6.15 refuses the PASID flag with EINVAL, which also means a bad page table:
+        // ask first, without side effects, whether the kernel or the driver lacks it.
+        match crate::probe::pasid_attach_refusal(self.inner.fd.as_fd())? {
+            None => {}
+            Some(crate::Errno::INVAL) => return Err(Error::unsupported(OP, "6.15", crate::Errno::INVAL)),
+            Some(_) => {
+                return Err(Error::NotCapable {
+                    op: OP,
+                    reason: "the device's VFIO driver does not implement PASID attachment (EOPNOTSUPP)"
+                        .into(),
+                });
+            }
+        }
         let log2 = self.hw_info()?.max_pasid_log2;
         if log2 == 0 {
-            // Kernels before 6.15 report no PASID width (the field was reserved) and have no PASID
-            // attach either.
-            // Such a kernel refuses the PASID flag with EINVAL.
-            if !self.inner.iommufd.capabilities()?.hw_info_max_pasid {
-                return Err(Error::unsupported(OP, "6.15", crate::Errno::INVAL));
-            }
             let who = self.name().map_or_else(String::new, |n| format!(" {n}"));
             return Err(Error::NotCapable {
                 op: OP,
