@@ -6,8 +6,9 @@
 //! - **not supported**: [`Error::is_unsupported`] is the one test. It is true for every way the
 //!   system can lack what was asked:
 //!   - [`Error::Unsupported`]: the running kernel does not know the ioctl at all (`ENOTTY` from an
-//!     iommufd ioctl, or from a VFIO ioctl the device's driver does not implement); the variant names
-//!     the kernel release that added it;
+//!     iommufd ioctl, or from a VFIO ioctl the device's driver does not implement), or predates a
+//!     newer flag or field of it (refused before the ioctl, from the probe); the variant names the
+//!     kernel release that added it and the errno an older kernel answers;
 //!   - [`Error::Ioctl`] with `EOPNOTSUPP`: the kernel knows the ioctl but the IOMMU driver, or this
 //!     kernel, lacks the requested flag, data type or feature (for example dirty tracking, or a HWPT
 //!     allocation flag on virtio-iommu); the errno and hint are kept because they tell which;
@@ -42,8 +43,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// [`is_unsupported`](Error::is_unsupported) is the one test for "the system lacks what was asked",
 /// whoever lacks it. The variants keep what each case knows:
 ///
-/// - [`Unsupported`](Error::Unsupported): the ioctl is unknown (`ENOTTY`); for iommufd ioctls it
-///   names the kernel release that added it;
+/// - [`Unsupported`](Error::Unsupported): the ioctl is unknown (`ENOTTY`), or the kernel predates a
+///   newer flag or field of it; it names the kernel release that added it;
 /// - [`Ioctl`](Error::Ioctl) with `EOPNOTSUPP`: the kernel knows the ioctl but this kernel or the IOMMU
 ///   driver lacks the requested flag, data type or feature (dirty tracking, a HWPT allocation flag on
 ///   virtio-iommu, ...); the errno and hint are kept because they tell which;
