@@ -773,6 +773,36 @@ mod tests {
     }
 
     #[test]
+    fn newer_flags_follow_the_ioctls_of_their_release_and_date_the_kernel() {
+        // A 6.12 kernel: the 15 ioctls up to 6.11, reporting the PASID width (stable 6.12 does).
+        let six_twelve: Vec<(Ioctl, u32)> = Ioctl::ALL
+            .iter()
+            .filter(|i| parse_release(i.since()) <= Some((6, 12)))
+            .map(|&i| (i, 48))
+            .collect();
+        assert_eq!(six_twelve.len(), 15);
+        let flags = ProbedFlags { hw_info_max_pasid: true, ..ProbedFlags::default() };
+        let lts = Capabilities::from_sizes(sizes_of(&six_twelve), flags);
+        assert!(lts.hwpt_alloc_fault_id && lts.hw_info_max_pasid);
+        assert!(!lts.hwpt_paging_fault_id && !lts.hwpt_alloc_pasid, "6.13 and 6.15 flags");
+        assert!(lts.predates("6.13") && lts.predates("6.19") && lts.predates("7.3"));
+        assert!(!lts.predates("6.12") && !lts.predates("6.2"));
+        assert!(!lts.predates("seven"), "an unparsable release dates nothing");
+        let e = lts.require_field(lts.hwpt_alloc_pasid, "op", "6.15", Errno::OPNOTSUPP).unwrap_err();
+        assert!(
+            matches!(e, Error::Unsupported { op: "op", since: "6.15", errno: Errno::OPNOTSUPP }),
+            "{e:?}"
+        );
+        assert_eq!(e.errno(), Some(Errno::OPNOTSUPP));
+        assert!(e.is_unsupported());
+        // Every ioctl: nothing predates, every inferred flag is there.
+        let all: Vec<(Ioctl, u32)> = Ioctl::ALL.iter().map(|&i| (i, 48)).collect();
+        let new = Capabilities::from_sizes(sizes_of(&all), flags);
+        assert!(new.hwpt_paging_fault_id && new.hwpt_alloc_pasid && !new.predates("7.3"));
+        assert!(new.require_field(new.hwpt_alloc_pasid, "op", "6.15", Errno::OPNOTSUPP).is_ok());
+    }
+
+    #[test]
     fn guard_page_faults_past_the_tail() {
         let mut g = GuardPage::new().unwrap();
         let t = g.tail(24);

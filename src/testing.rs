@@ -880,6 +880,16 @@ fn set_dirty_granular(
     page_size: u64,
     bitmap: &[u64],
 ) -> Result<u64> {
+    let fine = granular_bitmap(page_size, bitmap)?;
+    let ratio = page_size / PAGE_SIZE;
+    let words = fine.len() as u64;
+    let length = words * 64 * PAGE_SIZE;
+    Ok(raw_set_dirty(iommufd, hwpt_id, iova, length, PAGE_SIZE, &fine)? / ratio)
+}
+
+/// `bitmap` over pages of `page_size`, re-expressed over [`PAGE_SIZE`] pieces: every set bit becomes
+/// `page_size / PAGE_SIZE` set bits.
+fn granular_bitmap(page_size: u64, bitmap: &[u64]) -> Result<Vec<u64>> {
     const OP: &str = "IOMMU_TEST_OP_DIRTY";
     if page_size % PAGE_SIZE != 0 {
         return Err(Error::invalid(
@@ -907,8 +917,7 @@ fn set_dirty_granular(
             }
         }
     }
-    let length = words * 64 * PAGE_SIZE;
-    Ok(raw_set_dirty(iommufd, hwpt_id, iova, length, PAGE_SIZE, &fine)? / ratio)
+    Ok(fine)
 }
 
 /// The largest bitmap [`set_dirty_granular`] builds (16 MiB, the kernel's own limit on the bitmap).
@@ -1272,6 +1281,31 @@ mod tests {
         assert_eq!(op_name(tsys::IOMMU_TEST_OP_ADD_RESERVED), "IOMMU_TEST_OP_ADD_RESERVED");
         assert_eq!(op_name(tsys::IOMMU_TEST_OP_DMABUF_REVOKE), "IOMMU_TEST_OP_DMABUF_REVOKE");
         assert_eq!(op_name(999), "IOMMU_TEST_CMD");
+    }
+
+    #[test]
+    fn dirty_bitmaps_are_reexpressed_at_the_mock_granularity() {
+        // 4 KiB pages over 2 KiB pieces: bit i becomes bits 2i and 2i + 1.
+        assert_eq!(granular_bitmap(4096, &[0b101]).unwrap(), [0b11_00_11, 0]);
+        assert_eq!(granular_bitmap(4096, &[1 << 63]).unwrap(), [0, 0b11 << 62]);
+        assert_eq!(granular_bitmap(PAGE_SIZE, &[0xf0f0]).unwrap(), [0xf0f0], "the mock's own page size");
+        let e = granular_bitmap(3 * 1024, &[1]).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+        let e = granular_bitmap(1 << 40, &[1]).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "too large: {e}");
+    }
+
+    #[test]
+    fn newer_test_ops_name_their_release() {
+        assert_eq!(op_since(tsys::IOMMU_TEST_OP_TRIGGER_IOPF), None, "in every tested kernel");
+        assert_eq!(op_since(tsys::IOMMU_TEST_OP_DEV_CHECK_CACHE), Some("6.14"));
+        assert_eq!(op_since(tsys::IOMMU_TEST_OP_PASID_CHECK_HWPT), Some("6.15"));
+        assert_eq!(op_since(tsys::IOMMU_TEST_OP_DMABUF_REVOKE), Some("6.19"));
+        // Appended in order: the table is the tail of the op enum.
+        let ops: Vec<u32> = NEWER_OPS.iter().map(|&(op, _)| op).collect();
+        let expected: Vec<u32> =
+            (tsys::IOMMU_TEST_OP_TRIGGER_IOPF + 1..=tsys::IOMMU_TEST_OP_DMABUF_REVOKE).collect();
+        assert_eq!(ops, expected);
     }
 
     #[test]
