@@ -6,8 +6,9 @@
 //! - **not supported**: [`Error::is_unsupported`] is the one test. It is true for every way the
 //!   system can lack what was asked:
 //!   - [`Error::Unsupported`]: the running kernel does not know the ioctl at all (`ENOTTY` from an
-//!     iommufd ioctl, or from a VFIO ioctl the device's driver does not implement); the variant names
-//!     the kernel release that added it;
+//!     iommufd ioctl, or from a VFIO ioctl the device's driver does not implement), or predates a
+//!     newer flag or field of it (refused before the ioctl, from the probe); the variant names the
+//!     kernel release that added it and the errno an older kernel answers;
 //!   - [`Error::Ioctl`] with `EOPNOTSUPP`: the kernel knows the ioctl but the IOMMU driver, or this
 //!     kernel, lacks the requested flag, data type or feature (for example dirty tracking, or a HWPT
 //!     allocation flag on virtio-iommu); the errno and hint are kept because they tell which;
@@ -42,8 +43,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// [`is_unsupported`](Error::is_unsupported) is the one test for "the system lacks what was asked",
 /// whoever lacks it. The variants keep what each case knows:
 ///
-/// - [`Unsupported`](Error::Unsupported): the ioctl is unknown (`ENOTTY`); for iommufd ioctls it
-///   names the kernel release that added it;
+/// - [`Unsupported`](Error::Unsupported): the ioctl is unknown (`ENOTTY`), or the kernel predates a
+///   newer flag or field of it; it names the kernel release that added it;
 /// - [`Ioctl`](Error::Ioctl) with `EOPNOTSUPP`: the kernel knows the ioctl but this kernel or the IOMMU
 ///   driver lacks the requested flag, data type or feature (dirty tracking, a HWPT allocation flag on
 ///   virtio-iommu, ...); the errno and hint are kept because they tell which;
@@ -63,13 +64,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The running kernel does not know this ioctl (it answered `ENOTTY`).
+    /// The running kernel does not know this ioctl (it answered `ENOTTY`), or predates a newer flag or
+    /// field of an ioctl it knows. The crate refuses a newer flag or field before the ioctl, from the
+    /// running kernel's [capabilities](crate::Iommufd::capabilities), so that an old kernel's answer
+    /// to it (often `EINVAL`, which also means a bad argument) is not misread.
     #[error("{op} is not supported by the running kernel{} (it needs Linux {since} or newer)", driver_suffix(.op))]
     Unsupported {
-        /// The operation, named after its ioctl.
+        /// The operation, named after its ioctl (and the flag or field, for a newer one).
         op: &'static str,
-        /// The first kernel release that has the ioctl.
+        /// The first kernel release that has it.
         since: &'static str,
+        /// What a kernel without it answers: `ENOTTY` for an unknown ioctl; for a newer flag or field
+        /// the errno an older kernel gives (`EINVAL` or `EOPNOTSUPP`), whether it was received or
+        /// the crate refused the call before sending it.
+        errno: Errno,
     },
     /// An ioctl failed.
     #[error("{op} failed: {errno}{}", hint_suffix(.hint))]
@@ -192,7 +200,7 @@ impl Error {
     pub fn errno(&self) -> Option<Errno> {
         match self {
             Error::Ioctl { errno, .. } | Error::Open { errno, .. } | Error::Os { errno, .. } => Some(*errno),
-            Error::Unsupported { .. } => Some(Errno::NOTTY),
+            Error::Unsupported { errno, .. } => Some(*errno),
             _ => None,
         }
     }
@@ -203,13 +211,18 @@ impl Error {
     /// supported": match on the variants only to tell its cases apart.
     pub fn is_unsupported(&self) -> bool {
         // ENOTTY also comes back as `Error::Ioctl` for VFIO device features the driver lacks.
-        matches!(self, Error::NotCapable { .. })
+        matches!(self, Error::NotCapable { .. } | Error::Unsupported { .. })
             || matches!(self.errno(), Some(Errno::NOTTY | Errno::OPNOTSUPP))
     }
 
     /// True if the same call may succeed later unchanged.
     pub fn is_retryable(&self) -> bool {
         matches!(self.errno(), Some(Errno::INTR | Errno::AGAIN | Errno::BUSY))
+    }
+
+    /// The running kernel lacks `op`, added in Linux `since`; a kernel without it answers `errno`.
+    pub(crate) fn unsupported(op: &'static str, since: &'static str, errno: Errno) -> Error {
+        Error::Unsupported { op, since, errno }
     }
 
     pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Error {

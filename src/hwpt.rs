@@ -13,7 +13,7 @@ use std::sync::Arc;
 use iommufd_sys as sys;
 
 use crate::device::IommuDevice;
-use crate::error::{CloseError, Error, Result};
+use crate::error::{CloseError, Errno, Error, Result};
 use crate::ioas::{Ioas, IoasInner};
 use crate::ioctl::{self, Sized32};
 use crate::iommufd::Iommufd;
@@ -32,7 +32,8 @@ bitflags::bitflags! {
         /// Allocate with dirty tracking support; turn tracking on with
         /// [`Hwpt::set_dirty_tracking`] (Linux 6.7).
         const DIRTY_TRACKING = sys::IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
-        /// The page table may be attached to PASIDs as well as to the whole device.
+        /// The page table may be attached to PASIDs as well as to the whole device (Linux 6.15; an
+        /// older kernel gives [`Error::Unsupported`], checked before the ioctl).
         const PASID = sys::IOMMU_HWPT_ALLOC_PASID;
         // Bits the kernel knows and this crate does not yet name survive round trips.
         const _ = !0;
@@ -146,6 +147,9 @@ pub(crate) struct AllocData {
 }
 
 pub(crate) const HWPT_ALLOC: &str = "IOMMU_HWPT_ALLOC";
+/// The operations that name a newer flag of `IOMMU_HWPT_ALLOC` in their errors.
+const ALLOC_PASID: &str = "IOMMU_HWPT_ALLOC (IOMMU_HWPT_ALLOC_PASID)";
+const PAGING_FAULTS: &str = "IOMMU_HWPT_ALLOC (IOMMU_HWPT_FAULT_ID_VALID on a paging table)";
 
 impl Hwpt {
     /// Allocates a paging page table for `device` on `ioas` (`IOMMU_HWPT_ALLOC`, Linux 6.6).
@@ -158,7 +162,8 @@ impl Hwpt {
     }
 
     /// Like [`alloc`](Self::alloc), and delivers the table's I/O page faults to `faults`
-    /// (`IOMMU_HWPT_FAULT_ID_VALID`, Linux 6.11). The HWPT keeps the fault queue alive.
+    /// (`IOMMU_HWPT_FAULT_ID_VALID`, on paging tables since Linux 6.13; an older kernel gives
+    /// [`Error::Unsupported`], checked before the ioctl). The HWPT keeps the fault queue alive.
     ///
     /// The kernel refuses a fault queue on a [`HwptFlags::NEST_PARENT`] table (faults are reported
     /// by the nested tables), so that combination is rejected before the ioctl.
@@ -184,6 +189,13 @@ impl Hwpt {
         faults: Option<ObjRef>,
     ) -> Result<Hwpt> {
         device.iommufd().check_same(ioas.iommufd(), HWPT_ALLOC)?;
+        if let Some(faults) = &faults {
+            device.iommufd().check_same(faults.iommufd(), HWPT_ALLOC)?;
+            let caps = device.iommufd().capabilities()?;
+            // Before 6.13 the kernel refuses the flag on a paging table with EOPNOTSUPP, as an IOMMU
+            // driver without fault support would.
+            caps.require_field(caps.hwpt_paging_fault_id, PAGING_FAULTS, "6.13", Errno::OPNOTSUPP)?;
+        }
         let target = AllocTarget { pt_id: ioas.id(), parent: Parent::Ioas(ioas.inner.clone()) };
         let data = AllocData { data_type: sys::IOMMU_HWPT_DATA_NONE, uptr: 0, len: 0 };
         // SAFETY: no driver data for a paging table: a null pointer with length 0.
@@ -209,6 +221,11 @@ impl Hwpt {
                 HWPT_ALLOC,
                 "IOMMU_HWPT_FAULT_ID_VALID is set by passing a fault queue, not as a flag",
             ));
+        }
+        if flags.contains(HwptFlags::PASID) {
+            let caps = iommufd.capabilities()?;
+            // An older kernel refuses the unknown flag with EOPNOTSUPP, as an IOMMU without PASID would.
+            caps.require_field(caps.hwpt_alloc_pasid, ALLOC_PASID, "6.15", Errno::OPNOTSUPP)?;
         }
         let mut arg = sys::iommu_hwpt_alloc::new();
         arg.flags = flags.bits();

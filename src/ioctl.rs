@@ -118,7 +118,7 @@ fn hint(op: &Op, errno: Errno) -> Option<&'static str> {
 /// Converts a failed call into the crate's error.
 pub(crate) fn error(op: &Op, errno: Errno) -> Error {
     if errno == Errno::NOTTY {
-        return Error::Unsupported { op: op.name, since: op.since };
+        return Error::unsupported(op.name, op.since, Errno::NOTTY);
     }
     Error::Ioctl { op: op.name, errno, hint: hint(op, errno) }
 }

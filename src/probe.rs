@@ -244,6 +244,17 @@ pub struct Capabilities {
     /// `iommu_viommu_alloc.data_len/data_uptr` (6.17): driver-specific vIOMMU data. From the structure
     /// size.
     pub viommu_alloc_data: bool,
+    /// `IOMMU_HWPT_FAULT_ID_VALID` on a paging (not nested) HWPT (6.13; nested ones take it since 6.11).
+    /// The kernel checks the flag only after looking up the device and page table, so no call can
+    /// probe it without side effects: it is inferred from the ioctls that came in the same release
+    /// (`IOMMU_IOAS_CHANGE_PROCESS` and the rest of 6.13).
+    pub hwpt_paging_fault_id: bool,
+    /// `IOMMU_HWPT_ALLOC_PASID` (6.15): PASID-compatible page tables. Checked by the kernel only at
+    /// allocation, like [`hwpt_paging_fault_id`](Self::hwpt_paging_fault_id): inferred from the
+    /// ioctl that came in the same release (`IOMMU_VEVENTQ_ALLOC`). Not from
+    /// [`hw_info_max_pasid`](Self::hw_info_max_pasid): stable 6.12 kernels report the PASID width
+    /// without taking the flag.
+    pub hwpt_alloc_pasid: bool,
     /// `IOMMU_IOAS_NOIOMMU_GET_PA` is implemented (the kernel has `CONFIG_IOMMUFD_NOIOMMU`, selected by
     /// `CONFIG_VFIO_NOIOMMU`); without it the ioctl exists but always answers `EOPNOTSUPP`. Probed with
     /// `length` 0, which an implementing kernel refuses with `EINVAL` (or `EPERM` without
@@ -279,8 +290,30 @@ impl Capabilities {
         if self.supports(ioctl) {
             Ok(())
         } else {
-            Err(Error::Unsupported { op: ioctl.name(), since: ioctl.since() })
+            Err(Error::unsupported(ioctl.name(), ioctl.since(), Errno::NOTTY))
         }
+    }
+
+    /// True if the running kernel is known to be older than Linux `release` (`"6.19"`): it lacks an
+    /// iommufd ioctl that `release` or an earlier release introduced. Every iommufd ioctl is built
+    /// into every kernel of its release (none depends on a config option), so a missing one dates the
+    /// kernel. False when nothing says so (the kernel may still be older, if no ioctl came between it
+    /// and `release`); false for a `release` that does not parse as `MAJOR.MINOR`.
+    pub fn predates(&self, release: &str) -> bool {
+        let Some(wanted) = parse_release(release) else { return false };
+        self.unsupported().iter().any(|i| parse_release(i.since()).is_some_and(|since| since <= wanted))
+    }
+
+    /// `Ok` unless `known` is false: then the [`Error::Unsupported`] for the newer flag or field `op`,
+    /// added in `since`, with the errno a kernel without it answers.
+    pub(crate) fn require_field(
+        &self,
+        known: bool,
+        op: &'static str,
+        since: &'static str,
+        errno: Errno,
+    ) -> Result<()> {
+        if known { Ok(()) } else { Err(Error::unsupported(op, since, errno)) }
     }
 
     /// Derives the field-level booleans that follow from structure sizes; the flag-probed ones are
@@ -297,10 +330,20 @@ impl Capabilities {
             hw_info_max_pasid: sizes[Ioctl::GetHwInfo.index()].is_some() && flags.hw_info_max_pasid,
             hw_info_input_type: sizes[Ioctl::GetHwInfo.index()].is_some() && flags.hw_info_input_type,
             viommu_alloc_data: at_least(Ioctl::ViommuAlloc, offset_end!(sys::iommu_viommu_alloc, data_uptr)),
+            hwpt_paging_fault_id: at_least(Ioctl::HwptAlloc, offset_end!(sys::iommu_hwpt_alloc, fault_id))
+                && sizes[Ioctl::IoasChangeProcess.index()].is_some(),
+            hwpt_alloc_pasid: sizes[Ioctl::HwptAlloc.index()].is_some()
+                && sizes[Ioctl::VeventqAlloc.index()].is_some(),
             noiommu: sizes[Ioctl::IoasNoiommuGetPa.index()].is_some() && flags.noiommu,
             sizes,
         }
     }
+}
+
+/// `"6.15"` as `(6, 15)`.
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let (major, minor) = release.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -584,7 +627,6 @@ impl BoundDevice {
 
 /// Whether the kernel binds cdevs with a VF token ([`DeviceCapabilities::bind_token`]). Works on a
 /// cdev whether or not it is bound yet: every answer comes before the bind is attempted.
-#[allow(dead_code, reason = "for VfioDevice::bind_with_token to check before sending the token")]
 pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
     bind_token_probe(cdev, &mut GuardPage::new()?)
 }
@@ -593,6 +635,13 @@ pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
 /// ([`DeviceCapabilities::pasid_attach`]); the cdev must be bound.
 pub(crate) fn probe_pasid_attach(cdev: BorrowedFd<'_>) -> Result<bool> {
     pasid_probe(cdev, &mut GuardPage::new()?)
+}
+
+/// Who lacks PASID attachment, if anyone: `Ok(None)` if the kernel and driver accept it,
+/// `Some(Errno::INVAL)` if the kernel predates the flag (6.15), `Some(Errno::OPNOTSUPP)` if the
+/// device's driver does not implement it. The cdev must be bound.
+pub(crate) fn pasid_attach_refusal(cdev: BorrowedFd<'_>) -> Result<Option<Errno>> {
+    pasid_answer(cdev, &mut GuardPage::new()?)
 }
 
 fn bind_token_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
@@ -605,6 +654,11 @@ fn bind_token_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
 
 /// The PASID attach probe ([`DeviceCapabilities::pasid_attach`]).
 fn pasid_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
+    Ok(pasid_answer(fd, guard)?.is_none())
+}
+
+/// The PASID attach probe's answer: `None` if accepted, else the errno of the refusal.
+fn pasid_answer(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<Option<Errno>> {
     let op = &ioctl::DEVICE_ATTACH_IOMMUFD_PT;
     let pasid_at = offset_of!(sys::vfio_device_attach_iommufd_pt, pasid);
     let buf = guard.tail(pasid_at);
@@ -617,8 +671,8 @@ fn pasid_probe(fd: BorrowedFd<'_>, guard: &mut GuardPage) -> Result<bool> {
     // of these writes anything (the kernel writes `pt_id` back only after a successful attach).
     let r = errno_of(unsafe { ioctl::call_buf(fd, op, buf) });
     match r {
-        Err(Errno::FAULT) => Ok(true),
-        Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok(false),
+        Err(Errno::FAULT) => Ok(None),
+        Err(e @ (Errno::INVAL | Errno::OPNOTSUPP)) => Ok(Some(e)),
         other => Err(unexpected(op.name, "PASID flag", other)),
     }
 }
@@ -689,7 +743,9 @@ mod tests {
         assert_eq!(six_six.supported(), vec![Ioctl::IoasAlloc, Ioctl::HwptAlloc, Ioctl::GetHwInfo]);
         assert_eq!(six_six.unsupported().len(), 19);
         match six_six.require(Ioctl::IoasMapFile) {
-            Err(Error::Unsupported { op, since }) => assert_eq!((op, since), ("IOMMU_IOAS_MAP_FILE", "6.13")),
+            Err(Error::Unsupported { op, since, errno }) => {
+                assert_eq!((op, since, errno), ("IOMMU_IOAS_MAP_FILE", "6.13", Errno::NOTTY))
+            }
             other => panic!("{other:?}"),
         }
         assert!(six_six.require(Ioctl::HwptAlloc).is_ok());
@@ -714,6 +770,36 @@ mod tests {
         assert!(!seven_three.noiommu, "NOIOMMU_GET_PA is not in this kernel's list");
         assert_eq!(seven_three.arg_size(Ioctl::HwptAlloc), Some(48));
         assert_eq!(seven_three.arg_size(Ioctl::Destroy), None);
+    }
+
+    #[test]
+    fn newer_flags_follow_the_ioctls_of_their_release_and_date_the_kernel() {
+        // A 6.12 kernel: the 15 ioctls up to 6.11, reporting the PASID width (stable 6.12 does).
+        let six_twelve: Vec<(Ioctl, u32)> = Ioctl::ALL
+            .iter()
+            .filter(|i| parse_release(i.since()) <= Some((6, 12)))
+            .map(|&i| (i, 48))
+            .collect();
+        assert_eq!(six_twelve.len(), 15);
+        let flags = ProbedFlags { hw_info_max_pasid: true, ..ProbedFlags::default() };
+        let lts = Capabilities::from_sizes(sizes_of(&six_twelve), flags);
+        assert!(lts.hwpt_alloc_fault_id && lts.hw_info_max_pasid);
+        assert!(!lts.hwpt_paging_fault_id && !lts.hwpt_alloc_pasid, "6.13 and 6.15 flags");
+        assert!(lts.predates("6.13") && lts.predates("6.19") && lts.predates("7.3"));
+        assert!(!lts.predates("6.12") && !lts.predates("6.2"));
+        assert!(!lts.predates("seven"), "an unparsable release dates nothing");
+        let e = lts.require_field(lts.hwpt_alloc_pasid, "op", "6.15", Errno::OPNOTSUPP).unwrap_err();
+        assert!(
+            matches!(e, Error::Unsupported { op: "op", since: "6.15", errno: Errno::OPNOTSUPP }),
+            "{e:?}"
+        );
+        assert_eq!(e.errno(), Some(Errno::OPNOTSUPP));
+        assert!(e.is_unsupported());
+        // Every ioctl: nothing predates, every inferred flag is there.
+        let all: Vec<(Ioctl, u32)> = Ioctl::ALL.iter().map(|&i| (i, 48)).collect();
+        let new = Capabilities::from_sizes(sizes_of(&all), flags);
+        assert!(new.hwpt_paging_fault_id && new.hwpt_alloc_pasid && !new.predates("7.3"));
+        assert!(new.require_field(new.hwpt_alloc_pasid, "op", "6.15", Errno::OPNOTSUPP).is_ok());
     }
 
     #[test]

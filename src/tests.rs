@@ -45,7 +45,8 @@ fn ioctl_on_a_non_iommufd_is_unsupported_with_the_kernel_version() {
     };
     let e = fd.rlimit_mode().unwrap_err();
     match &e {
-        Error::Unsupported { op, since } => {
+        Error::Unsupported { op, since, errno } => {
+            assert_eq!(*errno, Errno::NOTTY);
             assert_eq!(*op, "IOMMU_OPTION");
             assert_eq!(*since, "6.2");
         }
@@ -66,7 +67,9 @@ fn every_op_names_its_ioctl_and_kernel() {
         let (major, minor) = op.since.split_once('.').expect("since is MAJOR.MINOR");
         assert!(major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok(), "{}", op.since);
         match crate::ioctl::error(op, Errno::NOTTY) {
-            Error::Unsupported { op: name, since } => assert_eq!((name, since), (op.name, op.since)),
+            Error::Unsupported { op: name, since, errno } => {
+                assert_eq!((name, since, errno), (op.name, op.since, Errno::NOTTY))
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -110,6 +110,9 @@ impl std::fmt::Debug for Viommu {
     }
 }
 
+/// The operation that names `IOMMU_VIOMMU_ALLOC`'s newer data fields in its errors.
+const VIOMMU_ALLOC_DATA: &str = "IOMMU_VIOMMU_ALLOC (data_len/data_uptr)";
+
 fn user_len(op: &'static str, what: &str, len: usize) -> Result<u32> {
     u32::try_from(len).map_err(|_| Error::invalid(op, format!("{what} of {len} bytes exceeds u32::MAX")))
 }
@@ -121,8 +124,9 @@ impl Viommu {
     /// `nest_parent` must be a paging HWPT allocated with [`HwptFlags::NEST_PARENT`]; anything else is
     /// rejected before the ioctl (the kernel would answer `EINVAL`). `data` is the driver-specific
     /// structure for `kind` (for example `struct iommu_viommu_tegra241_cmdqv`), read and written back
-    /// by the kernel in place. A `kind` the IOMMU driver does not implement, and
-    /// [`ViommuType::Default`], give `EOPNOTSUPP` ([`Error::is_unsupported`]).
+    /// by the kernel in place (Linux 6.17; an older kernel gives [`Error::Unsupported`], checked before
+    /// the ioctl). A `kind` the IOMMU driver does not implement, and [`ViommuType::Default`], give
+    /// `EOPNOTSUPP` ([`Error::is_unsupported`]).
     pub fn alloc(
         device: &impl IommuDevice,
         nest_parent: &Hwpt,
@@ -139,6 +143,13 @@ impl Viommu {
                     nest_parent.id()
                 ),
             ));
+        }
+        if data.is_some() {
+            let caps = iommufd.capabilities()?;
+            // Where the ioctl exists without the data fields (6.13 to 6.16), the kernel refuses their
+            // non-zero bytes with E2BIG; where it does not exist at all, the ioctl says so below.
+            let known = caps.viommu_alloc_data || !caps.supports(crate::probe::Ioctl::ViommuAlloc);
+            caps.require_field(known, VIOMMU_ALLOC_DATA, "6.17", crate::Errno::TOOBIG)?;
         }
         let mut arg = sys::iommu_viommu_alloc::new();
         arg.type_ = kind.raw();

@@ -10,6 +10,8 @@
 //! buffer is untouched, and that only the window is reported.
 #![cfg(feature = "testing")]
 
+mod common;
+
 use std::os::fd::OwnedFd;
 
 use iommufd::testing::{self, MockDevice};
@@ -52,7 +54,8 @@ struct DirtyHugePage {
 }
 
 impl DirtyHugePage {
-    fn new() -> DirtyHugePage {
+    /// `None` on a kernel without `map_file` (6.12), after asserting its exact refusal.
+    fn new() -> Option<DirtyHugePage> {
         let fd = Iommufd::open().expect("open /dev/iommu");
         let ioas = fd.alloc_ioas().unwrap();
         assert!(ioas.huge_pages().unwrap(), "huge IOMMU pages are on by default");
@@ -60,10 +63,13 @@ impl DirtyHugePage {
         let iova = testing::APERTURE.start;
         assert_eq!(iova % HUGE, 0);
         let file = hugetlb_memfd(HUGE);
-        let mapping = ioas.map_file(&file, 0, HUGE, Iova::Fixed(iova), Access::READ_WRITE).unwrap();
-        let h = DirtyHugePage { fd, ioas, dev, hwpt, iova, mapping };
+        let r = ioas.map_file(&file, 0, HUGE, Iova::Fixed(iova), Access::READ_WRITE);
+        if common::unsupported_here(&r, "IOMMU_IOAS_MAP_FILE", "6.13", iommufd::Errno::NOTTY) {
+            return None;
+        }
+        let h = DirtyHugePage { fd, ioas, dev, hwpt, iova, mapping: r.unwrap() };
         h.dirty_one_page();
-        h
+        Some(h)
     }
 
     /// A device write to one 4 KiB page (the sixth) of the huge page.
@@ -96,7 +102,10 @@ fn assert_guard_clean(bitmap: &DirtyBitmap) {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_dirty_huge_page_is_reported_only_inside_small_windows() {
-    let h = DirtyHugePage::new();
+    if common::mock_devices_unavailable() {
+        return;
+    }
+    let Some(h) = DirtyHugePage::new() else { return };
     for window in [PAGE, 16 * PAGE] {
         let pages = window / PAGE;
         for clear in [false, true] {
@@ -141,9 +150,12 @@ fn a_dirty_huge_page_is_reported_only_inside_small_windows() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_window_starting_inside_a_dirty_huge_page_misses_it() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     // The documented kernel behaviour (`DirtyBitmap`, "Choosing the windows"): the entry begins before
     // the window, `iova_bitmap_set` drops it, and with clear the entry is cleaned all the same.
-    let h = DirtyHugePage::new();
+    let Some(h) = DirtyHugePage::new() else { return };
     let inside = h.iova + 16 * PAGE;
     let b = h.hwpt.read_dirty(inside, 16 * PAGE, PAGE, false).unwrap();
     assert!(b.is_clean(), "the kernel now reports an entry that begins before the window: update the docs");
@@ -160,6 +172,9 @@ fn a_window_starting_inside_a_dirty_huge_page_misses_it() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn the_kernel_may_write_one_page_past_the_bitmap_pages() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     // A one-page (512-word) bitmap whose only dirty entry begins in word 508: the kernel pins from the
     // page holding word 508 on, `ceil(4 * 8 / 4096)` pages plus one because word 508 is not at a page
     // start, and sets the entry's 512 bits from bit 32512 on, 256 of them in the second page. Rounding
@@ -175,7 +190,11 @@ fn the_kernel_may_write_one_page_past_the_bitmap_pages() {
         .map(DmaBuffer::new((127 * MIB) as usize).unwrap(), Iova::Fixed(window.start), Access::READ_WRITE)
         .unwrap();
     let file = hugetlb_memfd(HUGE);
-    let huge = ioas.map_file(&file, 0, HUGE, Iova::Fixed(huge_iova), Access::READ_WRITE).unwrap();
+    let r = ioas.map_file(&file, 0, HUGE, Iova::Fixed(huge_iova), Access::READ_WRITE);
+    if common::unsupported_here(&r, "IOMMU_IOAS_MAP_FILE", "6.13", iommufd::Errno::NOTTY) {
+        return;
+    }
+    let huge = r.unwrap();
     testing::set_dirty(&fd, hwpt.id(), huge_iova, PAGE, &[1]).unwrap();
 
     let b = hwpt.read_dirty(window.start, window.len(), PAGE, false).unwrap();
@@ -199,6 +218,9 @@ fn the_kernel_may_write_one_page_past_the_bitmap_pages() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn multi_word_dirty_bitmaps() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     // As the kernel selftests: 64 MiB and more, 4 KiB IOMMU pages, dirty pages in many words.
     const PAGES: u64 = 16384 + 3 * 64 + 5; // 64 MiB + 3 words + 5 pages: a partial last word
     let fd = Iommufd::open().expect("open /dev/iommu");

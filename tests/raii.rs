@@ -41,16 +41,17 @@ fn drop_in_every_order_leaves_nothing_behind() {
         let ioas = fd.alloc_ioas().unwrap();
         let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
         let att = dev.attach(&hwpt).unwrap();
-        let map =
-            ioas.map(DmaBuffer::new(4096).unwrap(), Iova::Fixed(0x10_0000), Access::READ_WRITE).unwrap();
+        let map = ioas.map(DmaBuffer::new(4096).unwrap(), Iova::Fixed(0x10_0000), Access::READ_WRITE);
+        let map: Option<Box<dyn std::any::Any>> = if common::allocated_hwpt_has_no_aperture() {
+            // The kernel's limitation (see the helper): every order is still run, without a mapping.
+            assert_eq!(map.unwrap_err().errno(), Some(Errno::INVAL), "6.12 virtio-iommu: no usable IOVA");
+            None
+        } else {
+            Some(Box::new(map.unwrap()))
+        };
         let ids = [("device", dev.dev_id()), ("IOAS", ioas.id()), ("HWPT", hwpt.id())];
-        let mut slots: [Option<Box<dyn std::any::Any>>; 5] = [
-            Some(Box::new(dev)),
-            Some(Box::new(att)),
-            Some(Box::new(map)),
-            Some(Box::new(hwpt)),
-            Some(Box::new(ioas)),
-        ];
+        let mut slots: [Option<Box<dyn std::any::Any>>; 5] =
+            [Some(Box::new(dev)), Some(Box::new(att)), map, Some(Box::new(hwpt)), Some(Box::new(ioas))];
         for &i in order {
             drop(slots[i].take());
         }
@@ -70,7 +71,14 @@ fn explicit_close_in_kernel_order() {
     let ioas = fd.alloc_ioas().unwrap();
     let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
     let att = dev.attach(&hwpt).unwrap();
-    let map = ioas.map(DmaBuffer::new(4096).unwrap(), Iova::Auto, Access::READ).unwrap();
+    let map = ioas.map(DmaBuffer::new(4096).unwrap(), Iova::Auto, Access::READ);
+    let map = if common::allocated_hwpt_has_no_aperture() {
+        // The kernel's limitation (see the helper): the rest of the teardown order is still checked.
+        assert_eq!(map.unwrap_err().errno(), Some(Errno::NOSPC), "6.12 virtio-iommu: no usable IOVA");
+        None
+    } else {
+        Some(map.unwrap())
+    };
     let (ioas_id, hwpt_id, dev_id) = (ioas.id(), hwpt.id(), dev.dev_id());
     // Parents refuse to go first, before any ioctl.
     let refused = ioas.clone().destroy().unwrap_err();
@@ -78,7 +86,9 @@ fn explicit_close_in_kernel_order() {
     assert_eq!(refused.into_inner().id(), ioas_id, "the refused handle comes back");
     let dev2 = dev.clone();
     assert!(matches!(dev2.close().map_err(iommufd::Error::from), Err(iommufd::Error::InUse { .. })));
-    map.unmap().unwrap().unwrap();
+    if let Some(map) = map {
+        map.unmap().unwrap().unwrap();
+    }
     att.detach().unwrap();
     hwpt.destroy().unwrap();
     ioas.destroy().unwrap();

@@ -66,8 +66,15 @@ fn mock_nested_data() -> NestedData {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_children_and_explicit_teardown() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, _ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).expect("IOMMU_VIOMMU_ALLOC");
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     assert_ne!(viommu.id(), 0);
     assert_eq!(viommu.kind(), MOCK_VIOMMU);
     assert_eq!(viommu.nest_parent().id(), parent.id());
@@ -101,9 +108,16 @@ fn viommu_children_and_explicit_teardown() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn dropping_parents_first_still_tears_down_children_first() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     logs::start();
     let (iommufd, ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let veventq = Veventq::alloc(&viommu, MOCK_VEVENTQ, 4).unwrap();
     let ids = [vdev.id(), veventq.id(), viommu.id(), parent.id()];
@@ -129,11 +143,18 @@ fn dropping_parents_first_still_tears_down_children_first() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_driver_data_is_read_and_written_back() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, _ioas, dev, parent) = setup();
     // struct iommu_viommu_selftest { in_data, out_data, out_mmap_offset, out_mmap_length }.
     let mut data = [0u8; 24];
     data[..4].copy_from_slice(&0xcafe_f00du32.to_ne_bytes());
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, Some(&mut data)).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, Some(&mut data));
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     assert_eq!(u32::from_ne_bytes(data[4..8].try_into().unwrap()), 0xcafe_f00d, "out_data loops back");
     let mmap_len = u64::from_ne_bytes(data[16..24].try_into().unwrap());
     assert_eq!(mmap_len, 2 * page_size() as u64, "out_mmap_length");
@@ -147,11 +168,21 @@ fn viommu_driver_data_is_read_and_written_back() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_alloc_errors() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
 
     // Not a nest parent: refused before the ioctl (the kernel would say EINVAL).
     let plain = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
     assert_invalid(Viommu::alloc(&dev, &plain, MOCK_VIOMMU, None));
+
+    // Before 6.13 there is no vIOMMU at all.
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    drop(r);
 
     // Types the mock driver does not implement, and the reserved default type.
     for kind in
@@ -180,9 +211,16 @@ fn viommu_alloc_errors() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn vdevice_errors() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
     let dev2 = MockDevice::new(&ioas).unwrap();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     // One vDEVICE per device, and one device per virtual id.
     assert_eq!(errno(Vdevice::alloc(&viommu, &dev, VIRT_ID + 1)), Errno::EXIST);
@@ -200,8 +238,15 @@ fn vdevice_errors() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn veventq_errors() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, _ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     assert_eq!(errno(Veventq::alloc(&viommu, VeventqType::Default, 8)), Errno::OPNOTSUPP);
     assert_invalid(Veventq::alloc(&viommu, MOCK_VEVENTQ, 0));
     assert_eq!(errno(Veventq::alloc(&viommu, MOCK_VEVENTQ, (1 << 19) + 1)), Errno::INVAL);
@@ -218,8 +263,15 @@ fn veventq_errors() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn vevents_are_delivered_and_losses_accounted() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     // The mock reports events for a device attached to a nested table of the vIOMMU.
     let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
@@ -279,8 +331,15 @@ fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_veventq_type_that_does_not_match_its_events_is_an_error_not_a_spin() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
     dev.replace(&nested).unwrap();
@@ -345,8 +404,15 @@ fn a_veventq_type_that_does_not_match_its_events_is_an_error_not_a_spin() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn viommu_invalidation_reaches_the_device_cache() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, _ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let probe = InvalidateEntries::probe(tsys::IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST);
     assert_eq!(viommu.invalidate(&probe).unwrap(), 0);
@@ -379,13 +445,20 @@ fn viommu_invalidation_reaches_the_device_cache() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn hw_queues_pin_their_memory_and_chain() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (iommufd, ioas, dev, parent) = setup();
     let page = page_size() as u64;
     let iova = testing::APERTURE.start;
     let mapping = Arc::new(
         ioas.map(DmaBuffer::new(2 * page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap(),
     );
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
 
     // Refused before the ioctl: empty, overflowing, or outside the mapping given as the memory.
     assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, 0));
@@ -448,6 +521,9 @@ fn hw_queues_pin_their_memory_and_chain() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     logs::start();
     let (iommufd, ioas, dev, parent) = setup();
     let page = page_size() as u64;
@@ -455,7 +531,11 @@ fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
     let mapping = Arc::new(
         ioas.map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap(),
     );
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let q = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, page).unwrap();
     let q_id = q.id();
     // The caller lets go of the mapping first: it used to be unmapped here, which the kernel refused
@@ -477,8 +557,15 @@ fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by cargo xtask vm-test"]
 fn async_veventq_wakes_on_an_event() {
+    if common::mock_devices_unavailable() {
+        return;
+    }
     let (_iommufd, ioas, dev, parent) = setup();
-    let viommu = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None).unwrap();
+    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return;
+    }
+    let viommu = r.unwrap();
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
     dev.replace(&nested).unwrap();

@@ -302,6 +302,11 @@ impl BoundDevice {
     pub fn export_dma_buf(&self, index: u32, ranges: &[RegionRange]) -> Result<DmaBuf> {
         let feature = DeviceFeature::DMA_BUF;
         let (mut buf, len) = dma_buf_arg(feature.name(), index, ranges)?;
+        // A kernel known to predate the feature answers ENOTTY as a driver without it would: name the
+        // release instead of blaming the driver's configuration.
+        if self.inner.iommufd.capabilities()?.predates("6.19") {
+            return Err(Error::unsupported(feature.name(), "6.19", Errno::NOTTY));
+        }
         // SAFETY: `buf` is `vfio_device_feature` + `vfio_device_feature_dma_buf` + `nr_ranges`
         // `vfio_region_dma_range`s laid out by `dma_buf_arg`, with `argsz` its exact byte length; it
         // holds no pointers (the ranges are inline).
@@ -804,7 +809,7 @@ mod tests {
     fn feature_errors_name_the_feature() {
         let e = feature_error(
             DeviceFeature::DMA_LOGGING_START,
-            Error::Unsupported { op: "VFIO_DEVICE_FEATURE", since: "5.7" },
+            Error::unsupported("VFIO_DEVICE_FEATURE", "5.7", Errno::NOTTY),
         );
         assert_eq!(e.errno(), Some(Errno::NOTTY));
         assert!(e.to_string().starts_with("VFIO_DEVICE_FEATURE_DMA_LOGGING_START failed"), "{e}");

@@ -47,6 +47,9 @@ pub struct VfioDevice {
     device: Option<ident::CdevDevice>,
 }
 
+/// The operation [`VfioDevice::bind_with_token`] names in its errors.
+const BIND_TOKEN: &str = "VFIO_DEVICE_BIND_IOMMUFD (VFIO_DEVICE_BIND_FLAG_TOKEN)";
+
 impl VfioDevice {
     /// Opens a device cdev by path. A file that is not a VFIO device cdev (a legacy group node
     /// `/dev/vfio/N`, `/dev/vfio/vfio`, `/dev/iommu`, ...) gives [`Error::WrongFile`] and is closed.
@@ -110,8 +113,16 @@ impl VfioDevice {
         self.bind_inner(iommufd, None)
     }
 
-    /// Binds a PF or VF that requires a VF token (the UUID shared between a PF's and its VFs' users).
+    /// Binds a PF or VF that requires a VF token (the UUID shared between a PF's and its VFs' users)
+    /// (`VFIO_DEVICE_BIND_FLAG_TOKEN`, Linux 6.17).
+    ///
+    /// An older kernel refuses the token flag with `EINVAL`, which also means "already bound": so the
+    /// kernel is asked first, without side effects ([`DeviceCapabilities::bind_token`](crate::DeviceCapabilities)),
+    /// and one without the flag gives [`Error::Unsupported`] (with errno `EINVAL`) before the bind.
     pub fn bind_with_token(self, iommufd: &Iommufd, token: [u8; 16]) -> Result<BoundDevice> {
+        if !crate::probe::probe_bind_token(self.fd.as_fd())? {
+            return Err(Error::unsupported(BIND_TOKEN, "6.17", crate::Errno::INVAL));
+        }
         self.bind_inner(iommufd, Some(token))
     }
 
@@ -309,13 +320,21 @@ impl BoundDevice {
                 "PASID 0 means no PASID to the kernel (IOMMU_NO_PASID), a whole-device attach: use attach()",
             ));
         }
+        // A kernel before 6.15 refuses the PASID flag with EINVAL, which also means a bad page table:
+        // ask first, without side effects, whether the kernel or the driver lacks it.
+        match crate::probe::pasid_attach_refusal(self.inner.fd.as_fd())? {
+            None => {}
+            Some(crate::Errno::INVAL) => return Err(Error::unsupported(OP, "6.15", crate::Errno::INVAL)),
+            Some(_) => {
+                return Err(Error::NotCapable {
+                    op: OP,
+                    reason: "the device's VFIO driver does not implement PASID attachment (EOPNOTSUPP)"
+                        .into(),
+                });
+            }
+        }
         let log2 = self.hw_info()?.max_pasid_log2;
         if log2 == 0 {
-            // Kernels before 6.15 report no PASID width (the field was reserved) and have no PASID
-            // attach either.
-            if !self.inner.iommufd.capabilities()?.hw_info_max_pasid {
-                return Err(Error::Unsupported { op: OP, since: "6.15" });
-            }
             let who = self.name().map_or_else(String::new, |n| format!(" {n}"));
             return Err(Error::NotCapable {
                 op: OP,
@@ -360,10 +379,11 @@ impl BoundDevice {
                 && e.errno() == Some(crate::Errno::INVAL)
                 && matches!(crate::probe::probe_pasid_attach(self.inner.fd.as_fd()), Ok(false))
             {
-                return Err(Error::Unsupported {
-                    op: "VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)",
-                    since: "6.15",
-                });
+                return Err(Error::unsupported(
+                    "VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)",
+                    "6.15",
+                    crate::Errno::INVAL,
+                ));
             }
             return Err(e);
         }

@@ -242,3 +242,87 @@ impl Drop for Mdev {
         }
     }
 }
+
+/// The kernel release the VM booted (`IOMMUFD_TEST_KERNEL`, set by the VM init: `7.3.4`, `6.12.95`);
+/// `None` elsewhere (hardware runs rely on the probe: [`predates`]).
+pub fn kernel() -> Option<String> {
+    std::env::var("IOMMUFD_TEST_KERNEL").ok()
+}
+
+/// True if the running kernel is known to be older than Linux `release` (`"6.15"`), from the
+/// side-effect-free probe ([`iommufd::Capabilities::predates`]); checked against the VM's kernel
+/// release when the VM names it, so a wrong probe fails the test instead of changing what it asserts.
+pub fn predates(release: &str) -> bool {
+    let probed = Iommufd::open().expect("open /dev/iommu").capabilities().expect("probe").predates(release);
+    if let Some(running) = kernel() {
+        let version = |v: &str| -> (u32, u32) {
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().expect("numeric release"));
+            (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+        };
+        // A kernel between releases that added no iommufd ioctl cannot be dated by the probe; the VM's
+        // kernels are not such kernels.
+        assert_eq!(probed, version(&running) < version(release), "probe vs kernel {running} for {release}");
+    }
+    probed
+}
+
+/// Asserts that `result` is exactly the [`iommufd::Error::Unsupported`] a kernel older than `since`
+/// gives for `op`, with `errno`.
+#[track_caller]
+pub fn assert_unsupported<T: std::fmt::Debug>(
+    result: &iommufd::Result<T>,
+    op: &str,
+    since: &str,
+    errno: iommufd::Errno,
+) {
+    match result {
+        Err(iommufd::Error::Unsupported { op: o, since: s, errno: e }) => {
+            assert_eq!((*o, *s, *e), (op, since, errno), "the Unsupported names the operation and release")
+        }
+        other => panic!("expected Unsupported {{ {op}, since {since}, {errno:?} }}, got {other:?}"),
+    }
+}
+
+/// True if the kernel's mock IOMMU devices cannot be tested in this VM: then the calling test reports
+/// itself skipped by design (a `@@xtask skip NAME REASON` line on the console, which `cargo xtask
+/// vm-test` counts and prints in its summary) and must return at once:
+/// `if common::mock_devices_unavailable() { return; }`.
+///
+/// The VM init sets `IOMMUFD_TEST_NO_MOCK` to the reason, for example on Linux 6.12 under intel-iommu,
+/// whose IOMMU core gives mock devices to the Intel driver (every mock-domain operation then fails
+/// with `EINVAL`); the same kernel under virtio-iommu runs these tests.
+pub fn mock_devices_unavailable() -> bool {
+    use std::io::Write;
+    let Ok(reason) = std::env::var("IOMMUFD_TEST_NO_MOCK") else { return false };
+    let name = std::thread::current().name().unwrap_or("unnamed").replace(' ', "_");
+    // Straight to the process's stderr: libtest captures only the print macros.
+    let _ = writeln!(std::io::stderr(), "@@xtask skip {name} {reason}");
+    true
+}
+
+/// On a kernel older than `since` ([`predates`]), asserts that `result` is exactly the
+/// [`iommufd::Error::Unsupported`] for `op` with `errno` and returns true: the test has then checked
+/// what that kernel can do and ends. On a newer kernel returns false, leaving `result` to the test.
+#[track_caller]
+pub fn unsupported_here<T: std::fmt::Debug>(
+    result: &iommufd::Result<T>,
+    op: &str,
+    since: &str,
+    errno: iommufd::Errno,
+) -> bool {
+    if !predates(since) {
+        return false;
+    }
+    assert_unsupported(result, op, since, errno);
+    true
+}
+
+/// True on Linux 6.12 under virtio-iommu, whose driver sets a domain's aperture only when the domain
+/// is first attached: a HWPT allocated explicitly (`Hwpt::alloc`) has an empty aperture when iommufd
+/// adds it to its IOAS, which leaves the IOAS no usable IOVA (a map at a fixed IOVA is `EINVAL`, an
+/// automatic one `ENOSPC`). Later kernels allocate virtio-iommu domains finalised. An IOAS attached
+/// directly (the kernel's own domain, attached at once) is not affected.
+pub fn allocated_hwpt_has_no_aperture() -> bool {
+    std::env::var("IOMMUFD_TEST_IOMMU").is_ok_and(|i| i == "virtio")
+        && kernel().is_some_and(|k| k.starts_with("6.12."))
+}

@@ -1,8 +1,10 @@
 #!/bin/busybox sh
 # PID 1 of the iommufd test VM, packed into the initramfs by `cargo xtask vm-test` / `vm-demo`.
 #
-# The kernel command line passes IOMMUFD_TEST_IOMMU (intel|virtio) and IOMMUFD_VM_MODE (test|demo|bench) as
-# environment variables. Results go to two places: the console (ttyS0, shared with kernel messages) for
+# The kernel command line passes IOMMUFD_TEST_IOMMU (intel|virtio), IOMMUFD_TEST_KERNEL (the booted
+# kernel's release, e.g. 6.12.95), IOMMUFD_VM_MODE (test|demo|bench) and, where the kernel's mock IOMMU
+# devices cannot be tested under this IOMMU, IOMMUFD_TEST_NO_MOCK (the reason) as environment variables.
+# Results go to two places: the console (ttyS0, shared with kernel messages) for
 # people, and ttyS1 (only this script writes there) for the host to parse, one marker a line:
 #   begin NAME | result NAME <libtest summary line> | end NAME rc=N | done status=N | error TEXT
 # The exit status is written to QEMU's isa-debug-exit port (0xf4) through /dev/port; `poweroff -f` is
@@ -42,7 +44,12 @@ fail() {
 }
 
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
-say "init iommu=$IOMMUFD_TEST_IOMMU mode=$IOMMUFD_VM_MODE uptime=$(cut -d' ' -f1 /proc/uptime)s"
+say "init iommu=$IOMMUFD_TEST_IOMMU kernel=$(uname -r) mode=$IOMMUFD_VM_MODE uptime=$(cut -d' ' -f1 /proc/uptime)s"
+
+case "$(uname -r)" in
+"$IOMMUFD_TEST_KERNEL" | "$IOMMUFD_TEST_KERNEL"[+-]*) ;;
+*) fail "IOMMUFD_TEST_KERNEL is '$IOMMUFD_TEST_KERNEL' but the booted kernel is $(uname -r)" ;;
+esac
 
 case "$IOMMUFD_TEST_IOMMU" in
 intel) [ -e /sys/class/iommu/dmar0 ] || fail "intel-iommu requested but /sys/class/iommu/dmar0 is missing" ;;
@@ -79,7 +86,8 @@ export IOMMUFD_TEST_VM=1
 export IOMMUFD_TEST_EDU_BDF="$edu"
 export IOMMUFD_TEST_EDU_CDEV="/dev/vfio/devices/$cdev"
 export IOMMUFD_TEST_EDU_GROUP="$group"
-export IOMMUFD_TEST_IOMMU
+export IOMMUFD_TEST_IOMMU IOMMUFD_TEST_KERNEL
+if [ -n "$IOMMUFD_TEST_NO_MOCK" ]; then export IOMMUFD_TEST_NO_MOCK; fi
 export RUST_BACKTRACE=1
 echo "edu $edu (behind $behind) -> vfio-pci, cdev /dev/vfio/devices/$cdev, group $group; $(grep HugePages_Total /proc/meminfo)"
 

@@ -1,9 +1,12 @@
-//! `cargo xtask kernel`: the test VM's kernel, built from Debian's `linux-source` at a pinned version.
+//! `cargo xtask kernel`: the test VMs' kernels, built from Debian's `linux-source` at pinned versions.
 //!
 //! Config: `make allnoconfig`, merge the committed fragment `xtask/kernel.config`
 //! (`scripts/kconfig/merge_config.sh -m`), `make olddefconfig`, then check that every line of the fragment
-//! holds in the final `.config`. The bzImage is cached under `<cache>/kernel/` keyed by the source version
-//! and a hash of the fragment, so a second run returns at once.
+//! holds in the final `.config`. A kernel that predates some of the fragment's options names them in
+//! [`Kernel::drop_options`]: their lines are left out of its fragment, and its final `.config` must not
+//! know them at all. Each bzImage is cached under `<cache>/kernel/` keyed by the source version and a hash
+//! of the fragment it was configured with, so a second run returns at once; each source version has its
+//! own build directory.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
@@ -16,9 +19,104 @@ use crate::host::{self, Pkg};
 use crate::process::Guarded;
 use crate::{Result, cache_dir, run, workspace_root};
 
-/// Debian package holding the kernel source tarball, and its pinned version.
-pub const SOURCE_PACKAGE: &str = "linux-source-7.3";
-pub const SOURCE_VERSION: &str = "7.3.4-1~bpo13+1";
+/// One test kernel: a Debian kernel source package at a pinned version.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kernel {
+    /// The short name that `--kernel` takes (the upstream series).
+    pub name: &'static str,
+    /// Debian package holding the kernel source tarball, and its pinned version.
+    pub package: &'static str,
+    pub version: &'static str,
+    /// The upstream release (`uname -r` without local suffixes), passed to the guest's tests.
+    pub release: &'static str,
+    /// Fragment options this kernel does not have (added in later releases): left out of its
+    /// fragment, not verified, and required to be unknown to its final `.config`.
+    pub drop_options: &'static [&'static str],
+    /// The IOMMU core probes the mock IOMMU's devices (`CONFIG_IOMMUFD_TEST`) with the ops of the first
+    /// IOMMU registered without a firmware node, which under intel-iommu is VT-d: the mock devices then
+    /// belong to the Intel driver and every mock-domain operation fails. Later kernels give mock
+    /// devices the mock IOMMU's own firmware node (`iommu_mock_device_add`).
+    pub intel_takes_mock_devices: bool,
+}
+
+/// The kernel whose uAPI and test headers the committed bindings come from: built in
+/// `<cache>/kernel/build`, with the whole fragment.
+pub const PINNED: Kernel = Kernel {
+    name: "7.3",
+    package: "linux-source-7.3",
+    version: "7.3.4-1~bpo13+1",
+    release: "7.3.4",
+    drop_options: &[],
+    intel_takes_mock_devices: false,
+};
+
+/// The oldest kernel the VM suite runs on: Debian's 6.12 long-term kernel (bookworm-backports). The
+/// generic page-table library and its AMDv1 format (used by the mock IOMMU since 6.19) do not exist in it.
+pub const LTS_6_12: Kernel = Kernel {
+    name: "6.12",
+    package: "linux-source-6.12",
+    version: "6.12.95-1~bpo12+1",
+    release: "6.12.95",
+    drop_options: &["CONFIG_GENERIC_PT", "CONFIG_IOMMU_PT", "CONFIG_IOMMU_PT_AMDV1"],
+    intel_takes_mock_devices: true,
+};
+
+/// Every test kernel, the pinned one first.
+pub const KERNELS: [&Kernel; 2] = [&PINNED, &LTS_6_12];
+
+impl Kernel {
+    /// The kernel whose `name` is given (`7.3`, `6.12`).
+    pub fn by_name(name: &str) -> Option<&'static Kernel> {
+        KERNELS.into_iter().find(|k| k.name == name)
+    }
+
+    /// Suffix of this kernel's build directory and logs: none for the pinned kernel (its paths predate
+    /// the second kernel and its objects are reused), the source version for the others.
+    fn suffix(&self) -> String {
+        if *self == PINNED { String::new() } else { format!("-{}", self.version) }
+    }
+
+    fn build_dir(&self) -> PathBuf {
+        cache_dir().join(format!("kernel/build{}", self.suffix()))
+    }
+
+    fn log(&self, what: &str) -> PathBuf {
+        cache_dir().join(format!("kernel/{what}{}.log", self.suffix()))
+    }
+
+    /// This kernel's fragment: the committed one without the lines that set a dropped option.
+    /// Unchanged (byte for byte, so the cache key stays the same) when nothing is dropped.
+    fn fragment(&self, committed: &str) -> String {
+        if self.drop_options.is_empty() {
+            return committed.to_string();
+        }
+        let mut out = String::new();
+        for line in committed.lines() {
+            if !self.drop_options.iter().any(|o| option_of(line) == Some(*o)) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The top directory of the unpacked source.
+    pub fn source_dir(&self) -> PathBuf {
+        cache_dir().join(format!("kernel/src-{}", self.version)).join(self.package)
+    }
+}
+
+/// The option a fragment line sets (`CONFIG_X=...` or `# CONFIG_X is not set`).
+fn option_of(line: &str) -> Option<&str> {
+    let line = line.trim();
+    if let Some(rest) = line.strip_prefix("# ") {
+        rest.strip_suffix(" is not set").filter(|n| n.starts_with("CONFIG_"))
+    } else if line.starts_with("CONFIG_") {
+        line.split_once('=').map(|(name, _)| name)
+    } else {
+        None
+    }
+}
 
 /// Host packages needed to unpack and build the kernel.
 const BUILD_DEPS: &[Pkg] = &[
@@ -40,44 +138,86 @@ pub fn fnv64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// Where the bzImage for the current fragment is (or will be) cached.
-fn cached_image(fragment: &str) -> PathBuf {
-    let key = format!("{SOURCE_VERSION}-{:016x}", fnv64(fragment.as_bytes()));
+/// Where the bzImage for `kernel` configured with `fragment` (its own) is (or will be) cached.
+fn cached_image(kernel: &Kernel, fragment: &str) -> PathBuf {
+    let key = format!("{}-{:016x}", kernel.version, fnv64(fragment.as_bytes()));
     cache_dir().join("kernel").join(format!("bzImage-{key}"))
 }
 
-/// `cargo xtask kernel`.
-pub fn kernel() -> Result<()> {
-    let image = ensure_kernel()?;
-    println!("{}", image.display());
+/// `cargo xtask kernel [--kernel NAME|all]`.
+pub fn kernel(args: &[String]) -> Result<()> {
+    for k in parse_kernels(args, &[&PINNED])? {
+        let image = ensure_kernel(k)?;
+        println!("{}", image.display());
+    }
     Ok(())
 }
 
-/// Returns the path of the test kernel's bzImage, building it first if it is not cached.
-pub fn ensure_kernel() -> Result<PathBuf> {
+/// The kernels named by `--kernel NAME|all` in `args` (`default` without one). Other arguments are
+/// refused.
+pub fn parse_kernels(args: &[String], default: &[&'static Kernel]) -> Result<Vec<&'static Kernel>> {
+    let mut it = args.iter();
+    let mut chosen = default.to_vec();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--kernel" => chosen = kernels_named(it.next().map(String::as_str))?,
+            other => return Err(format!("unknown option {other:?} (see `cargo xtask`)").into()),
+        }
+    }
+    Ok(chosen)
+}
+
+/// The value of a `--kernel` option: one kernel's name or `all`.
+pub fn kernels_named(value: Option<&str>) -> Result<Vec<&'static Kernel>> {
+    match value {
+        Some("all") => Ok(KERNELS.to_vec()),
+        other => other.and_then(Kernel::by_name).map(|k| vec![k]).ok_or_else(|| {
+            let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+            format!("--kernel wants {} or all, got {other:?}", names.join(", ")).into()
+        }),
+    }
+}
+
+/// Returns the path of `kernel`'s bzImage, building it first if it is not cached.
+pub fn ensure_kernel(kernel: &Kernel) -> Result<PathBuf> {
     let fragment_file = fragment_path();
-    let fragment = std::fs::read_to_string(&fragment_file)
+    let committed = std::fs::read_to_string(&fragment_file)
         .map_err(|e| format!("reading {}: {e}", fragment_file.display()))?;
-    let image = cached_image(&fragment);
+    let fragment = kernel.fragment(&committed);
+    let image = cached_image(kernel, &fragment);
     if image.exists() {
         eprintln!("kernel: cached {}", image.display());
         return Ok(image);
     }
     let wanted = parse_fragment(&fragment)?;
-    // One build at a time: the build directory is shared.
+    // One build at a time: they would only share the cores.
     let _lock = host::lock(&cache_dir().join("kernel/.lock"), "kernel")?;
     if image.exists() {
         eprintln!("kernel: cached {} (built by the other run)", image.display());
         return Ok(image);
     }
     host::ensure("cargo xtask kernel", BUILD_DEPS)?;
-    let src = source_tree()?;
-    let build = cache_dir().join("kernel/build");
+    let src = source_tree(kernel)?;
+    let build = kernel.build_dir();
     std::fs::create_dir_all(&build)?;
     let started = Instant::now();
 
-    eprintln!("kernel: configuring (allnoconfig + {} + olddefconfig)", fragment_file.display());
-    let log_path = cache_dir().join("kernel/config.log");
+    // The pinned kernel merges the committed file itself (as it always has); another kernel merges its
+    // own copy without the dropped lines.
+    let merged_fragment = if kernel.drop_options.is_empty() {
+        fragment_file.clone()
+    } else {
+        let own = build.join("xtask-kernel.config");
+        std::fs::write(&own, &fragment)?;
+        own
+    };
+    eprintln!(
+        "kernel: configuring {} {} (allnoconfig + {} + olddefconfig)",
+        kernel.package,
+        kernel.version,
+        merged_fragment.display()
+    );
+    let log_path = kernel.log("config");
     let _ = std::fs::remove_file(&log_path);
     let config = build.join(".config");
     make(&src, &build, &["allnoconfig"], &log_path)?;
@@ -87,7 +227,7 @@ pub fn ensure_kernel() -> Result<PathBuf> {
         .args(["-m", "-O"])
         .arg(&build)
         .arg(&config)
-        .arg(&fragment_file)
+        .arg(&merged_fragment)
         .output()?;
     if !merge.status.success() {
         return Err(format!(
@@ -99,11 +239,13 @@ pub fn ensure_kernel() -> Result<PathBuf> {
         .into());
     }
     make(&src, &build, &["olddefconfig"], &log_path)?;
-    verify_config(&wanted, &std::fs::read_to_string(&config)?)?;
+    let final_config = std::fs::read_to_string(&config)?;
+    verify_config(&wanted, &final_config)?;
+    verify_dropped(kernel.drop_options, &final_config)?;
     eprintln!("kernel: all {} fragment options hold in {}", wanted.len(), config.display());
 
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let log_path = cache_dir().join("kernel/build.log");
+    let log_path = kernel.log("build");
     eprintln!("kernel: building bzImage with -j{jobs} (full log: {})", log_path.display());
     build_logged(&src, &build, jobs, &log_path)?;
 
@@ -122,22 +264,35 @@ pub fn ensure_kernel() -> Result<PathBuf> {
     Ok(image)
 }
 
+/// Fails if the final `.config` knows an option that was dropped as absent from this kernel: then it
+/// is not absent, and dropping it would build a kernel without something the fragment asks for.
+fn verify_dropped(dropped: &[&str], config: &str) -> Result<()> {
+    let known: Vec<&str> =
+        dropped.iter().copied().filter(|o| config.lines().any(|l| option_of(l) == Some(*o))).collect();
+    if known.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("dropped as absent from this kernel, but its .config has them: {}", known.join(", "))
+            .into())
+    }
+}
+
 fn file_key(image: &Path) -> String {
     let name = image.file_name().unwrap_or_default().to_string_lossy();
     name.trim_start_matches("bzImage-").to_string()
 }
 
-/// Unpacks the pinned kernel source (once) and returns its top directory.
-fn source_tree() -> Result<PathBuf> {
-    let root = cache_dir().join(format!("kernel/src-{SOURCE_VERSION}"));
+/// Unpacks `kernel`'s pinned source (once) and returns its top directory.
+pub fn source_tree(kernel: &Kernel) -> Result<PathBuf> {
+    let (package, version) = (kernel.package, kernel.version);
+    let top = kernel.source_dir();
+    let root = top.parent().ok_or("source directory without a parent")?.to_path_buf();
     let stamp = root.join(".extracted");
-    let top = root.join(SOURCE_PACKAGE);
     if stamp.exists() {
         return Ok(top);
     }
-    let deb_dir =
-        Apt::new()?.unpack(SOURCE_PACKAGE, SOURCE_VERSION, &format!("kernel/deb-{SOURCE_VERSION}"))?;
-    let tarball = deb_dir.join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
+    let deb_dir = Apt::new()?.unpack(package, version, &format!("kernel/deb-{version}"))?;
+    let tarball = deb_dir.join(format!("usr/src/{package}.tar.xz"));
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }
@@ -146,9 +301,9 @@ fn source_tree() -> Result<PathBuf> {
     let t = Instant::now();
     run(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(&root))?;
     if !top.join("Makefile").exists() {
-        return Err(format!("{} has no {SOURCE_PACKAGE}/Makefile", tarball.display()).into());
+        return Err(format!("{} has no {package}/Makefile", tarball.display()).into());
     }
-    std::fs::write(&stamp, format!("{SOURCE_PACKAGE} {SOURCE_VERSION}\n"))?;
+    std::fs::write(&stamp, format!("{package} {version}\n"))?;
     // The tarball is no longer needed once extracted; keep the .deb in the apt cache.
     std::fs::remove_dir_all(&deb_dir)?;
     eprintln!("kernel: extracted in {:.0?}", t.elapsed());
@@ -419,6 +574,38 @@ mod tests {
         assert!(err.contains("CONFIG_A: wanted y, got m"), "{err}");
         assert!(err.contains("CONFIG_B: wanted m, got not set"), "{err}");
         assert!(err.contains("CONFIG_C: wanted not set, got y"), "{err}");
+    }
+
+    #[test]
+    fn each_kernel_gets_its_fragment_and_build_directory() {
+        let committed = std::fs::read_to_string(fragment_path()).unwrap();
+        // The pinned kernel keeps the committed text byte for byte: its cached image stays valid.
+        assert_eq!(PINNED.fragment(&committed), committed);
+        let older = LTS_6_12.fragment(&committed);
+        let dropped: Vec<&str> = committed.lines().filter(|l| !older.lines().any(|o| o == *l)).collect();
+        assert_eq!(dropped, ["CONFIG_GENERIC_PT=y", "CONFIG_IOMMU_PT=y", "CONFIG_IOMMU_PT_AMDV1=y"]);
+        assert_eq!(parse_fragment(&older).unwrap().len() + 3, parse_fragment(&committed).unwrap().len());
+        assert_ne!(cached_image(&PINNED, &committed), cached_image(&LTS_6_12, &older));
+        assert!(PINNED.build_dir().ends_with("kernel/build"), "the pinned kernel's objects are reused");
+        assert!(LTS_6_12.build_dir().ends_with("kernel/build-6.12.95-1~bpo12+1"));
+        assert_eq!(Kernel::by_name("6.12"), Some(&LTS_6_12));
+        assert_eq!(Kernel::by_name("7.3"), Some(&PINNED));
+        assert_eq!(Kernel::by_name("7"), None);
+        assert_eq!(kernels_named(Some("all")).unwrap().len(), KERNELS.len());
+        assert!(kernels_named(None).is_err());
+    }
+
+    #[test]
+    fn fragment_lines_name_their_option() {
+        assert_eq!(option_of("CONFIG_A=y"), Some("CONFIG_A"));
+        assert_eq!(option_of("# CONFIG_B is not set"), Some("CONFIG_B"));
+        assert_eq!(option_of("# a comment"), None);
+        assert_eq!(option_of(""), None);
+        // A dropped option must be unknown to the final .config, set or not.
+        let dropped = ["CONFIG_GENERIC_PT"];
+        verify_dropped(&dropped, "CONFIG_A=y\n").unwrap();
+        assert!(verify_dropped(&dropped, "# CONFIG_GENERIC_PT is not set\n").is_err());
+        assert!(verify_dropped(&dropped, "CONFIG_GENERIC_PT=y\n").is_err());
     }
 
     #[test]

@@ -41,16 +41,19 @@ usage: cargo xtask <task>
   check-sys   regenerate into the cache and fail if the committed bindings differ (drift check)
   sys-headers print the pinned uAPI headers' include directory (unpacked into the cache, libclang
               installed): the IOMMUFD_SYS_HEADERS of builds with iommufd-sys's feature `bindgen`
-  kernel      build (or reuse the cached) test-VM kernel from Debian's pinned linux-source; prints its path
-  vm-test [--iommu intel|virtio|both] [--timeout SECS] [-v] [-- ARGS]
-              run tests/*.rs (and examples/edu_dma) inside QEMU VMs booting that kernel, under intel-iommu
-              then virtio-iommu (or just the one named); ARGS go to every test binary; -v streams the
-              guest console (always saved to .cache/vm/console-<iommu>.log); default timeout {timeout} s a VM;
-              a VM that times out fails the run
+  kernel [--kernel {names}|all]
+              build (or reuse the cached) test-VM kernel from Debian's pinned linux-source (default
+              {pinned}); prints its path
+  vm-test [--kernel {names}|all] [--iommu intel|virtio|both] [--timeout SECS] [-v] [-- ARGS]
+              run tests/*.rs and every example inside QEMU VMs, each kernel (default all: {names})
+              under intel-iommu then virtio-iommu (or just the ones named); ARGS go to every test
+              binary; -v streams the guest console (always saved to
+              .cache/vm/console-<kernel>-<iommu>.log); default timeout {timeout} s a VM; a VM that times
+              out fails the run; tests a kernel cannot run report themselves skipped by design
   test [--host-only]
               every test: the workspace's unit, doc and compile-fail tests on the host (tests that need
               /dev/iommu are ignored there; all features, so with IOMMUFD_SYS_HEADERS unset the pinned
-              headers are used for feature `bindgen`), then the VM suite (vm-test)
+              headers are used for feature `bindgen`), then the VM suite (vm-test) on every kernel
   hw-test --device ADDR [--bind [--force]] [-- ARGS]
               run the device-generic tests (ioas, device, raii; not the edu-only ones) against the real
               PCI device ADDR, which must be bound to vfio-pci; --bind binds it for the run and restores
@@ -63,6 +66,8 @@ usage: cargo xtask <task>
               time ratio per operation, with its spread over rounds (default timeout {bench_timeout} s)
 ",
         timeout = vm::DEFAULT_TIMEOUT_SECS,
+        names = kernel::KERNELS.map(|k| k.name).join("|"),
+        pinned = kernel::PINNED.name,
         bench_timeout = vm::BENCH_TIMEOUT_SECS
     )
 }
@@ -91,7 +96,7 @@ fn main() {
         Some("gen-sys") => sys::gen_sys(),
         Some("check-sys") => sys::check_sys(),
         Some("sys-headers") => sys::sys_headers(),
-        Some("kernel") => kernel::kernel(),
+        Some("kernel") => kernel::kernel(&args[1..]),
         Some("vm-test") => vm::vm_test(&args[1..]),
         Some("vm-demo") => vm::vm_demo(&args[1..]),
         Some("bench") => vm::vm_bench(&args[1..]),

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::apt::Apt;
-use crate::kernel::{SOURCE_PACKAGE, SOURCE_VERSION};
+use crate::kernel::{Kernel, LTS_6_12, PINNED};
 use crate::{Result, cache_dir, run, workspace_root};
 
 /// The pinned kernel uAPI: Debian package and version of `linux-libc-dev`.
@@ -131,15 +131,16 @@ pub fn sys_headers() -> Result<()> {
     Ok(())
 }
 
-/// Extracts [`TEST_HEADER`] alone from the pinned kernel source package (once) and returns the directory
-/// that stands for the top of the source tree (it holds only that file).
-fn test_header_root() -> Result<PathBuf> {
-    let root = cache_dir().join(format!("kernel-test-header-{SOURCE_VERSION}"));
+/// Extracts [`TEST_HEADER`] alone from `kernel`'s source package (once) and returns the directory that
+/// stands for the top of the source tree (it holds only that file).
+fn test_header_root(kernel: &Kernel) -> Result<PathBuf> {
+    let (package, version) = (kernel.package, kernel.version);
+    let root = cache_dir().join(format!("kernel-test-header-{version}"));
     let stamp = root.join(".extracted");
     if stamp.exists() {
         return Ok(root);
     }
-    let deb = Apt::new()?.download(SOURCE_PACKAGE, SOURCE_VERSION)?;
+    let deb = Apt::new()?.download(package, version)?;
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }
@@ -151,13 +152,13 @@ fn test_header_root() -> Result<PathBuf> {
     run(Command::new("bash")
         .args(["-c", &format!("set -o pipefail; {script}"), "bash"])
         .arg(&deb)
-        .arg(SOURCE_PACKAGE)
+        .arg(package)
         .arg(&root)
         .arg(TEST_HEADER))?;
     if !root.join(TEST_HEADER).exists() {
-        return Err(format!("{} has no {SOURCE_PACKAGE}/{TEST_HEADER}", deb.display()).into());
+        return Err(format!("{} has no {package}/{TEST_HEADER}", deb.display()).into());
     }
-    std::fs::write(&stamp, format!("{SOURCE_PACKAGE} {SOURCE_VERSION}\n"))?;
+    std::fs::write(&stamp, format!("{package} {version}\n"))?;
     Ok(root)
 }
 
@@ -222,7 +223,7 @@ fn generate_testing(include: &Path, source: &Path, ioctls: &[String]) -> Result<
     writeln!(out, "// changes between kernels, and this file is pinned to the test VM's kernel.")?;
     writeln!(out, "//")?;
     writeln!(out, "// kernel:      Linux {KERNEL_VERSION}")?;
-    writeln!(out, "// source:      Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")?;
+    writeln!(out, "// source:      Debian {} {}", PINNED.package, PINNED.version)?;
     writeln!(out, "// file:        {TEST_HEADER}")?;
     writeln!(
         out,
@@ -456,7 +457,7 @@ fn generate_checked() -> Result<(String, String)> {
         return Err(format!("expected 22 IOMMU_* ioctls in {KERNEL_VERSION}, found {iommu}").into());
     }
 
-    let source = test_header_root()?;
+    let source = test_header_root(&PINNED)?;
     let ioctls = options::ioctl_macros(&[&source.join(TEST_HEADER)])?;
     let testing = generate_testing(&include, &source, &ioctls)?;
     let oracle = Oracle {
@@ -504,8 +505,61 @@ pub fn gen_sys() -> Result<()> {
     check_readme_pins()
 }
 
+/// The mock IOMMU interface of the oldest test kernel, as far as the `testing` module relies on it:
+/// its test ops are the pinned header's up to `IOMMU_TEST_OP_TRIGGER_IOPF` (the later ones were
+/// appended, and `testing` refuses them there as `Unsupported`), and its `struct iommu_hwpt_selftest`
+/// is `iotlb` alone (`testing::nested_data` sends only that).
+fn check_lts_test_header() -> Result<()> {
+    let header = |k: &Kernel| -> Result<String> {
+        let path = test_header_root(k)?.join(TEST_HEADER);
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()).into())
+    };
+    let (pinned, lts) = (header(&PINNED)?, header(&LTS_6_12)?);
+    let (pinned_ops, lts_ops) = (test_ops(&pinned), test_ops(&lts));
+    let last = "IOMMU_TEST_OP_TRIGGER_IOPF";
+    if lts_ops.last().map(String::as_str) != Some(last) || !pinned_ops.starts_with(&lts_ops) {
+        return Err(format!(
+            "{}'s test ops are not the pinned ones up to {last}: {lts_ops:?} vs {pinned_ops:?}",
+            LTS_6_12.release
+        )
+        .into());
+    }
+    if struct_fields(&lts, "iommu_hwpt_selftest") != ["iotlb"] {
+        return Err(format!("{}'s struct iommu_hwpt_selftest is not `iotlb` alone", LTS_6_12.release).into());
+    }
+    eprintln!(
+        "check-sys: {}'s mock interface is the pinned one's first {} ops, with the 4-byte nested data",
+        LTS_6_12.release,
+        lts_ops.len()
+    );
+    Ok(())
+}
+
+/// The `IOMMU_TEST_OP_*` names of a test header's op enum, in order.
+fn test_ops(header: &str) -> Vec<String> {
+    let Some(start) = header.find("IOMMU_TEST_OP_ADD_RESERVED") else { return Vec::new() };
+    let body = &header[start..header[start..].find("};").map_or(header.len(), |e| start + e)];
+    body.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("IOMMU_TEST_OP_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The field names of `struct NAME { ... };` in a header (one `type name;` a line).
+fn struct_fields(header: &str, name: &str) -> Vec<String> {
+    let Some(start) = header.find(&format!("struct {name} {{")) else { return Vec::new() };
+    let body = &header[start..];
+    let body = &body[body.find('{').map_or(0, |i| i + 1)..body.find("};").unwrap_or(body.len())];
+    body.lines()
+        .filter_map(|l| l.trim().strip_suffix(';'))
+        .filter_map(|l| l.split_whitespace().last())
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn check_sys() -> Result<()> {
     check_readme_pins()?;
+    check_lts_test_header()?;
     let (bindings, testing) = generate_checked()?;
     let mut stale = Vec::new();
     for (path, src) in [(generated_path(), bindings), (testing_path(), testing)] {
@@ -528,4 +582,18 @@ pub fn check_sys() -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_header_ops_and_fields_are_parsed() {
+        let h = "enum {\n\tIOMMU_TEST_OP_ADD_RESERVED = 1,\n\tIOMMU_TEST_OP_MOCK_DOMAIN,\n};\n\
+                 struct iommu_hwpt_selftest {\n\t__u32 iotlb;\n\t__u32 pagetable_type;\n};\n";
+        assert_eq!(test_ops(h), ["IOMMU_TEST_OP_ADD_RESERVED", "IOMMU_TEST_OP_MOCK_DOMAIN"]);
+        assert_eq!(struct_fields(h, "iommu_hwpt_selftest"), ["iotlb", "pagetable_type"]);
+        assert!(struct_fields(h, "missing").is_empty());
+    }
 }

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use cpio::newc::ModeFileType;
 
 use crate::host::{self, Pkg};
+use crate::kernel::{self, KERNELS, Kernel, PINNED};
 use crate::process::Guarded;
-use crate::{Result, cache_dir, kernel, workspace_root};
+use crate::{Result, cache_dir, workspace_root};
 
 const GUEST_INIT: &str = include_str!("guest_init.sh");
 const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -64,6 +65,42 @@ impl Iommu {
     }
 }
 
+/// One VM of the matrix: a test kernel under an emulated IOMMU.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Vm {
+    kernel: &'static Kernel,
+    iommu: Iommu,
+}
+
+impl Vm {
+    /// `vm(7.3/intel)`: how the VM is named in progress lines and the summary.
+    fn tag(self) -> String {
+        format!("vm({}/{})", self.kernel.name, self.iommu.name())
+    }
+
+    /// The file name part shared by this VM's console log and results.
+    fn key(self) -> String {
+        format!("{}-{}", self.kernel.name, self.iommu.name())
+    }
+
+    fn console_path(self) -> PathBuf {
+        cache_dir().join("vm").join(format!("console-{}.log", self.key()))
+    }
+
+    /// Why the kernel's mock IOMMU cannot be tested in this VM, if it cannot (a token without spaces:
+    /// it travels on the kernel command line as `IOMMUFD_TEST_NO_MOCK`, and the tests that need a
+    /// mock device report themselves skipped with it).
+    ///
+    /// On a kernel that hands mock devices to the first IOMMU registered without a firmware node
+    /// ([`Kernel::intel_takes_mock_devices`]), under intel-iommu the mock device is probed by the Intel
+    /// driver and every mock-domain operation fails with EINVAL. virtio-iommu registers with a firmware
+    /// node, so under it the mock works on every kernel.
+    fn no_mock(self) -> Option<&'static str> {
+        (self.iommu == Iommu::Intel && self.kernel.intel_takes_mock_devices)
+            .then_some("mock-device-probed-by-intel-iommu")
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Test,
@@ -72,6 +109,7 @@ enum Mode {
 }
 
 struct Options {
+    kernels: Vec<&'static Kernel>,
     iommus: Vec<Iommu>,
     timeout: Duration,
     verbose: bool,
@@ -80,12 +118,14 @@ struct Options {
 
 fn parse_options(args: &[String], demo: bool) -> Result<Options> {
     let mut opts = Options {
+        kernels: KERNELS.to_vec(),
         iommus: vec![Iommu::Intel, Iommu::Virtio],
         timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
         verbose: demo,
         test_args: Vec::new(),
     };
     if demo {
+        opts.kernels = vec![&PINNED];
         opts.iommus = vec![Iommu::Intel];
     }
     let mut it = args.iter();
@@ -99,6 +139,7 @@ fn parse_options(args: &[String], demo: bool) -> Result<Options> {
                     other => return Err(format!("--iommu wants intel, virtio or both, got {other:?}").into()),
                 }
             }
+            "--kernel" if !demo => opts.kernels = kernel::kernels_named(it.next().map(String::as_str))?,
             "--timeout" => {
                 let secs = it.next().and_then(|s| s.parse::<u64>().ok()).ok_or("--timeout wants seconds")?;
                 opts.timeout = Duration::from_secs(secs);
@@ -113,20 +154,20 @@ fn parse_options(args: &[String], demo: bool) -> Result<Options> {
     Ok(opts)
 }
 
-/// `cargo xtask vm-test [--iommu intel|virtio] [--timeout SECS] [-v] [-- ARGS]`.
+/// `cargo xtask vm-test [--kernel NAME|all] [--iommu intel|virtio|both] [--timeout SECS] [-v] [-- ARGS]`.
 pub fn vm_test(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let opts = parse_options(args, false)?;
     let prepared = prepare(&opts, Mode::Test)?;
     let mut runs = Vec::new();
-    for &iommu in &opts.iommus {
+    for vm in matrix(&opts) {
         // A guest that does not finish in time fails the run; it is not booted again. A hang is either
         // a bug (a deadlock in the kernel or in the code under test, which a second boot may simply
         // not hit) or a broken environment, and neither may turn into a pass: a retry that passes
         // would hide exactly the intermittent deadlock that most needs a look. Its console log stays
         // in `console-<iommu>.log` and the summary names it.
-        let outcome = boot(&prepared, iommu, Mode::Test, &opts)?;
-        runs.push((iommu, outcome));
+        let outcome = boot(&prepared, vm, Mode::Test, &opts)?;
+        runs.push((vm, outcome));
     }
     eprintln!("vm-test: finished in {:.1}s", started.elapsed().as_secs_f64());
     let (lines, ok) = summarize(&runs, opts.timeout);
@@ -136,31 +177,37 @@ pub fn vm_test(args: &[String]) -> Result<()> {
     if ok { Ok(()) } else { Err("vm-test failed (see above)".into()) }
 }
 
-/// The final summary of a `vm-test` run: one line per VM (a hang stands out), then the totals.
-/// Returns the lines and whether the run passed.
-fn summarize(runs: &[(Iommu, Outcome)], timeout: Duration) -> (Vec<String>, bool) {
-    let mut lines = Vec::new();
-    let (mut passed, mut failed, mut ok) = (0, 0, true);
-    for (iommu, outcome) in runs {
-        if outcome.timed_out {
-            lines.push(format!(
-                "vm({}): HUNG: the guest did not finish within {}s and QEMU was killed (console: {})",
-                iommu.name(),
-                timeout.as_secs(),
-                console_path(*iommu).display()
-            ));
-        }
-        lines.push(outcome.summary_line(*iommu));
-        passed += outcome.passed;
-        failed += outcome.failed;
-        ok &= outcome.ok();
-    }
-    lines.push(format!("{passed} passed, {failed} failed"));
-    (lines, ok)
+/// The VMs to boot, in order: each kernel under each IOMMU.
+fn matrix(opts: &Options) -> Vec<Vm> {
+    opts.kernels
+        .iter()
+        .flat_map(|&kernel| opts.iommus.iter().map(move |&iommu| Vm { kernel, iommu }))
+        .collect()
 }
 
-fn console_path(iommu: Iommu) -> PathBuf {
-    cache_dir().join("vm").join(format!("console-{}.log", iommu.name()))
+/// The final summary of a `vm-test` run: one line per VM (a hang stands out), then the totals.
+/// Returns the lines and whether the run passed.
+fn summarize(runs: &[(Vm, Outcome)], timeout: Duration) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let (mut passed, mut failed, mut skipped, mut ok) = (0, 0, 0, true);
+    for (vm, outcome) in runs {
+        if outcome.timed_out {
+            lines.push(format!(
+                "{}: HUNG: the guest did not finish within {}s and QEMU was killed (console: {})",
+                vm.tag(),
+                timeout.as_secs(),
+                vm.console_path().display()
+            ));
+        }
+        lines.push(outcome.summary_line(*vm));
+        passed += outcome.passed;
+        failed += outcome.failed;
+        skipped += outcome.skipped;
+        ok &= outcome.ok();
+    }
+    let skipped = if skipped > 0 { format!(", {skipped} skipped by design") } else { String::new() };
+    lines.push(format!("{passed} passed, {failed} failed{skipped}"));
+    (lines, ok)
 }
 
 /// `cargo xtask vm-demo [--timeout SECS]`: only the `edu_dma` example, under intel-iommu, output streamed.
@@ -170,7 +217,7 @@ pub fn vm_demo(args: &[String]) -> Result<()> {
     if !prepared.has_edu_dma {
         return Err("the root crate has no `edu_dma` example (examples/edu_dma.rs) yet".into());
     }
-    let outcome = boot(&prepared, Iommu::Intel, Mode::Demo, &opts)?;
+    let outcome = boot(&prepared, Vm { kernel: &PINNED, iommu: Iommu::Intel }, Mode::Demo, &opts)?;
     if outcome.ok() { Ok(()) } else { Err("vm-demo failed (see above)".into()) }
 }
 
@@ -183,7 +230,7 @@ pub fn vm_bench(args: &[String]) -> Result<()> {
         opts.timeout = Duration::from_secs(BENCH_TIMEOUT_SECS);
     }
     let prepared = prepare(&opts, Mode::Bench)?;
-    let outcome = boot(&prepared, Iommu::Intel, Mode::Bench, &opts)?;
+    let outcome = boot(&prepared, Vm { kernel: &PINNED, iommu: Iommu::Intel }, Mode::Bench, &opts)?;
     if outcome.ok() { Ok(()) } else { Err("bench failed (see above)".into()) }
 }
 
@@ -191,7 +238,8 @@ pub fn vm_bench(args: &[String]) -> Result<()> {
 pub const BENCH_TIMEOUT_SECS: u64 = 900;
 
 struct Prepared {
-    kernel: PathBuf,
+    /// Each kernel's bzImage.
+    kernels: Vec<(&'static Kernel, PathBuf)>,
     initramfs: PathBuf,
     has_edu_dma: bool,
     /// Held until the last VM has exited.
@@ -202,7 +250,10 @@ fn prepare(opts: &Options, mode: Mode) -> Result<Prepared> {
     // The initramfs, console logs and result files are shared paths: one vm-test/vm-demo at a time.
     let lock = host::lock(&cache_dir().join("vm/.lock"), "vm")?;
     host::ensure("cargo xtask vm-test", VM_DEPS)?;
-    let kernel = kernel::ensure_kernel()?;
+    let mut kernels = Vec::new();
+    for &k in &opts.kernels {
+        kernels.push((k, kernel::ensure_kernel(k)?));
+    }
     let t = Instant::now();
     let bins = build_binaries(mode)?;
     let (n_tests, n_examples, secs) = (bins.tests.len(), bins.examples.len(), t.elapsed().as_secs_f64());
@@ -210,7 +261,7 @@ fn prepare(opts: &Options, mode: Mode) -> Result<Prepared> {
     eprintln!("vm: built {n_tests} test binaries, {n_examples} examples and {n_tools} tools in {secs:.1}s");
     let has_edu_dma = bins.examples.iter().any(|(name, _)| name == "edu_dma");
     let initramfs = pack_initramfs(&bins, &opts.test_args)?;
-    Ok(Prepared { kernel, initramfs, has_edu_dma, _lock: lock })
+    Ok(Prepared { kernels, initramfs, has_edu_dma, _lock: lock })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -505,6 +556,10 @@ struct Outcome {
     failed_binaries: Vec<String>,
     /// The guest did not finish in time and QEMU was killed.
     timed_out: bool,
+    /// Tests that reported themselves skipped by design (counted by libtest as passed, and taken out
+    /// of `passed` here), and the reasons they gave.
+    skipped: usize,
+    skip_reasons: Vec<String>,
 }
 
 impl Outcome {
@@ -512,12 +567,33 @@ impl Outcome {
         self.failed == 0 && self.problems.is_empty()
     }
 
-    fn summary_line(&self, iommu: Iommu) -> String {
-        format!("vm({}): {} passed, {} failed", iommu.name(), self.passed, self.failed)
+    fn summary_line(&self, vm: Vm) -> String {
+        let mut line = format!("{}: {} passed, {} failed", vm.tag(), self.passed, self.failed);
+        if self.skipped > 0 {
+            line += &format!(", {} skipped by design ({})", self.skipped, self.skip_reasons.join(", "));
+        }
+        line
+    }
+
+    /// Takes the tests that reported themselves skipped (`@@xtask skip NAME REASON` lines on the
+    /// console, written by the tests' common helpers) out of the passed ones.
+    fn count_skips(&mut self, console: &str) {
+        for line in console.lines() {
+            let line = strip_escapes(line);
+            let Some(rest) = line.find("@@xtask skip ").map(|i| &line[i + "@@xtask skip ".len()..]) else {
+                continue;
+            };
+            self.skipped += 1;
+            let reason = rest.split_whitespace().nth(1).unwrap_or("?").to_string();
+            if !self.skip_reasons.contains(&reason) {
+                self.skip_reasons.push(reason);
+            }
+        }
+        self.passed = self.passed.saturating_sub(self.skipped);
     }
 }
 
-fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Command {
+fn qemu_command(image: &Path, p: &Prepared, vm: Vm, mode: Mode, results: &Path) -> Command {
     let mode = match mode {
         Mode::Test => "test",
         Mode::Demo => "demo",
@@ -525,12 +601,17 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
     };
     // no_timer_check: under TCG on a loaded host the guest's check that the timer interrupt arrives
     // through the (interrupt-remapped) IO-APIC can time out and panic the boot; the timer works.
-    let cmdline = format!(
+    let iommu = vm.iommu;
+    let mut cmdline = format!(
         "console=ttyS0 panic=-1 quiet no_timer_check hung_task_timeout_secs=15 hugepages={HUGEPAGES} {} \
-         IOMMUFD_TEST_IOMMU={} IOMMUFD_VM_MODE={mode}",
+         IOMMUFD_TEST_IOMMU={} IOMMUFD_TEST_KERNEL={} IOMMUFD_VM_MODE={mode}",
         iommu.cmdline(),
-        iommu.name()
+        iommu.name(),
+        vm.kernel.release
     );
+    if let Some(reason) = vm.no_mock() {
+        cmdline += &format!(" IOMMUFD_TEST_NO_MOCK={reason}");
+    }
     let mut cmd = Command::new("qemu-system-x86_64");
     // One vCPU: with two, about 1 boot in 10 froze outright under TCG (no hung-task or soft-lockup
     // report, at a process exit or an unmap, where the kernel sends TLB-shootdown IPIs); with one, 20
@@ -557,7 +638,7 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
     .arg("-serial")
     .arg(format!("file:{}", results.display()))
     .arg("-kernel")
-    .arg(&p.kernel)
+    .arg(image)
     .arg("-initrd")
     .arg(&p.initramfs)
     .arg("-append")
@@ -568,15 +649,21 @@ fn qemu_command(p: &Prepared, iommu: Iommu, mode: Mode, results: &Path) -> Comma
     cmd
 }
 
-fn boot(p: &Prepared, iommu: Iommu, mode: Mode, opts: &Options) -> Result<Outcome> {
-    let tag = format!("vm({})", iommu.name());
+fn boot(p: &Prepared, vm: Vm, mode: Mode, opts: &Options) -> Result<Outcome> {
+    let tag = vm.tag();
     let dir = cache_dir().join("vm");
     std::fs::create_dir_all(&dir)?;
-    let console_path = console_path(iommu);
-    let results_path = dir.join(format!("results-{}.txt", iommu.name()));
+    let console_path = vm.console_path();
+    let results_path = dir.join(format!("results-{}.txt", vm.key()));
     let _ = std::fs::remove_file(&results_path);
+    let image = p
+        .kernels
+        .iter()
+        .find(|(k, _)| *k == vm.kernel)
+        .map(|(_, image)| image)
+        .ok_or_else(|| format!("{tag}: kernel {} was not prepared", vm.kernel.name))?;
 
-    let mut cmd = qemu_command(p, iommu, mode, &results_path);
+    let mut cmd = qemu_command(image, p, vm, mode, &results_path);
     eprintln!(
         "{tag}: booting (TCG, timeout {}s); console: {}",
         opts.timeout.as_secs(),
@@ -622,6 +709,7 @@ fn boot(p: &Prepared, iommu: Iommu, mode: Mode, opts: &Options) -> Result<Outcom
     let results = std::fs::read_to_string(&results_path).unwrap_or_default();
     let mut outcome = parse_results(&results);
     outcome.timed_out = timed_out;
+    outcome.count_skips(&String::from_utf8_lossy(&std::fs::read(&console_path).unwrap_or_default()));
     if timed_out {
         outcome.problems.push(format!("timed out after {}s (QEMU killed)", opts.timeout.as_secs()));
     }
@@ -962,18 +1050,74 @@ not json: a build script's stray line
         o
     }
 
+    const INTEL_7_3: Vm = Vm { kernel: &PINNED, iommu: Iommu::Intel };
+    const VIRTIO_7_3: Vm = Vm { kernel: &PINNED, iommu: Iommu::Virtio };
+
     #[test]
     fn a_hung_guest_fails_the_run_and_is_named_in_the_summary() {
         let t = Duration::from_secs(150);
         let (lines, ok) =
-            summarize(&[(Iommu::Intel, outcome(100, 0, true)), (Iommu::Virtio, outcome(155, 0, false))], t);
+            summarize(&[(INTEL_7_3, outcome(100, 0, true)), (VIRTIO_7_3, outcome(155, 0, false))], t);
         assert!(!ok, "a hang must fail the run");
-        assert!(lines[0].starts_with("vm(intel): HUNG: the guest did not finish within 150s"), "{lines:?}");
+        assert!(
+            lines[0].starts_with("vm(7.3/intel): HUNG: the guest did not finish within 150s"),
+            "{lines:?}"
+        );
         assert_eq!(lines.last().unwrap(), "255 passed, 1 failed");
 
-        let (lines, ok) = summarize(&[(Iommu::Intel, outcome(155, 0, false))], t);
+        let (lines, ok) = summarize(&[(INTEL_7_3, outcome(155, 0, false))], t);
         assert!(ok);
-        assert_eq!(lines, ["vm(intel): 155 passed, 0 failed", "155 passed, 0 failed"]);
+        assert_eq!(lines, ["vm(7.3/intel): 155 passed, 0 failed", "155 passed, 0 failed"]);
+    }
+
+    #[test]
+    fn the_matrix_is_every_kernel_under_every_iommu_and_names_its_vms() {
+        let o = parse_options(&[], false).unwrap();
+        let vms: Vec<String> = matrix(&o).into_iter().map(Vm::tag).collect();
+        assert_eq!(vms, ["vm(7.3/intel)", "vm(7.3/virtio)", "vm(6.12/intel)", "vm(6.12/virtio)"]);
+        let o = parse_options(&args(&["--kernel", "6.12", "--iommu", "virtio"]), false).unwrap();
+        assert_eq!(matrix(&o), [Vm { kernel: &kernel::LTS_6_12, iommu: Iommu::Virtio }]);
+        let o = parse_options(&args(&["--kernel", "all"]), false).unwrap();
+        assert_eq!(o.kernels.len(), 2);
+        assert!(parse_options(&args(&["--kernel", "5.10"]), false).is_err());
+        assert!(parse_options(&args(&["--kernel"]), false).is_err());
+        assert!(
+            parse_options(&args(&["--kernel", "6.12"]), true).is_err(),
+            "the demo boots the pinned kernel"
+        );
+        let demo = parse_options(&[], true).unwrap();
+        assert_eq!(demo.kernels, [&PINNED]);
+    }
+
+    #[test]
+    fn the_mock_tier_is_skipped_only_where_the_kernel_gives_mock_devices_to_intel_iommu() {
+        let six_twelve = |iommu| Vm { kernel: &kernel::LTS_6_12, iommu };
+        assert!(six_twelve(Iommu::Intel).no_mock().is_some());
+        assert_eq!(six_twelve(Iommu::Virtio).no_mock(), None);
+        assert_eq!(INTEL_7_3.no_mock(), None);
+        assert_eq!(VIRTIO_7_3.no_mock(), None);
+        let reason = six_twelve(Iommu::Intel).no_mock().unwrap();
+        assert!(!reason.contains(char::is_whitespace), "it travels on the kernel command line");
+    }
+
+    #[test]
+    fn skipped_tests_are_taken_out_of_the_passed_ones_and_summarized() {
+        let mut o = outcome(10, 0, false);
+        o.count_skips(
+            "noise\n\x1b[0m@@xtask skip mock::a mock-device-probed-by-intel-iommu\n\
+             test mock::a ... ok\n@@xtask skip hwpt::b mock-device-probed-by-intel-iommu\n",
+        );
+        assert_eq!((o.passed, o.skipped), (8, 2));
+        let vm = Vm { kernel: &kernel::LTS_6_12, iommu: Iommu::Intel };
+        let (lines, ok) = summarize(&[(vm, o)], Duration::from_secs(1));
+        assert!(ok, "skipped by design is not a failure");
+        assert_eq!(
+            lines,
+            [
+                "vm(6.12/intel): 8 passed, 0 failed, 2 skipped by design (mock-device-probed-by-intel-iommu)",
+                "8 passed, 0 failed, 2 skipped by design"
+            ]
+        );
     }
 
     #[test]
