@@ -112,6 +112,8 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 mod viommu;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
 
 pub use compat::VfioCompatIoas;
 pub use device::*;
@@ -136,6 +138,10 @@ pub use viommu::{
     HwQueue, HwQueueType, LostEvents, Vdevice, Vevent, VeventData, VeventRecord, Veventq, VeventqType,
     Viommu, ViommuType,
 };
+
+#[cfg(feature = "vm-memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+pub use self::vm_memory::{GuestMemoryMapping, GuestRam, IdentityMap, RamBitmap};
 
 /// Raw bindings, re-exported for the rare field this crate does not type.
 pub use iommufd_sys as sys;

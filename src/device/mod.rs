@@ -10,6 +10,7 @@ mod feature;
 mod group;
 mod hw_info;
 pub(crate) mod ident;
+mod irq;
 mod pci;
 
 pub use access::*;
@@ -17,6 +18,7 @@ pub use display::*;
 pub use feature::*;
 pub use group::*;
 pub use hw_info::*;
+pub use irq::*;
 pub use pci::*;
 
 use std::collections::BTreeMap;
