@@ -6,8 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use iommufd_sys as sys;
 
-use super::BoundDevice;
 use super::access::irq_set_buffer;
+use super::{BoundDevice, IrqFlags};
 use crate::error::{Error, Result};
 use crate::ioctl;
 
@@ -57,9 +57,12 @@ impl BoundDevice {
     /// when it is unmasked, the kernel signals the trigger eventfd again.
     ///
     /// Set the trigger eventfd first ([`set_irq_eventfds`](Self::set_irq_eventfds)): without INTx
-    /// enabled the kernel refuses with `EINVAL`. Disabling INTx drops the unmask eventfd too.
+    /// enabled the kernel refuses with `EINVAL`. Disabling INTx drops the unmask eventfd too. An index
+    /// the device does not report [`IrqFlags::MASKABLE`] is refused before the ioctl
+    /// ([`Error::NotCapable`]).
     pub fn set_irq_unmask_eventfd(&self, index: u32, subindex: u32, eventfd: impl AsFd) -> Result<()> {
         const OP: &str = "BoundDevice::set_irq_unmask_eventfd";
+        self.check_maskable(OP, index)?;
         let raw = [eventfd.as_fd().as_raw_fd()];
         self.set_irq_fds(OP, sys::VFIO_IRQ_SET_ACTION_UNMASK, index, subindex, &raw)
     }
@@ -69,7 +72,21 @@ impl BoundDevice {
     /// [`unmask_irq`](Self::unmask_irq).
     pub fn clear_irq_unmask_eventfd(&self, index: u32, subindex: u32) -> Result<()> {
         const OP: &str = "BoundDevice::clear_irq_unmask_eventfd";
+        self.check_maskable(OP, index)?;
         self.set_irq_fds(OP, sys::VFIO_IRQ_SET_ACTION_UNMASK, index, subindex, &[NO_FD])
+    }
+
+    /// Refuses an index the device cannot mask (vfio-pci masks only INTx), which the kernel would
+    /// answer with `ENOTTY`, as if `VFIO_DEVICE_SET_IRQS` itself were missing.
+    fn check_maskable(&self, op: &'static str, index: u32) -> Result<()> {
+        let info = self.irq_info(index)?;
+        if !info.flags.contains(IrqFlags::MASKABLE) {
+            return Err(Error::NotCapable {
+                op,
+                reason: format!("interrupt index {index} cannot be masked ({:?})", info.flags),
+            });
+        }
+        Ok(())
     }
 
     /// `VFIO_DEVICE_SET_IRQS` with `DATA_EVENTFD | action` over `start..start + fds.len()`; the fds

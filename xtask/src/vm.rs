@@ -224,8 +224,9 @@ fn cargo(what: &[&str]) -> Command {
     cmd.current_dir(workspace_root())
         .args(what)
         .args(["-p", "iommufd", "--target", TARGET, "--message-format=json-render-diagnostics"])
-        // The suite includes the mock-IOMMU (`testing`) and async (`tokio`) tests.
-        .args(["--features", "testing,tokio", "--locked"])
+        // The suite includes the mock-IOMMU (`testing`), async (`tokio`) and VMM (`vm-memory`,
+        // `vmm-sys-util`) tests.
+        .args(["--features", "testing,tokio,vm-memory,vmm-sys-util", "--locked"])
         // A separate --target keeps these static builds from invalidating the host build's artifacts.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         // Line tables keep backtraces' file:line but halve the binaries (and so the initramfs, which
