@@ -380,9 +380,14 @@ impl<B: RamBitmap> IdentityMap<B> {
         self.ram.ioas()
     }
 
+    /// The guest RAM mapping.
+    pub fn mapping(&self) -> &GuestMemoryMapping<GuestRam<B>> {
+        &self.ram
+    }
+
     /// The guest RAM mapping, for memory hotplug ([`GuestMemoryMapping::add_region`],
     /// [`GuestMemoryMapping::remove_region`], [`GuestMemoryMapping::update`]).
-    pub fn ram(&mut self) -> &mut GuestMemoryMapping<GuestRam<B>> {
+    pub fn mapping_mut(&mut self) -> &mut GuestMemoryMapping<GuestRam<B>> {
         &mut self.ram
     }
 

@@ -89,7 +89,7 @@ fn guest_memory_receives_edu_dma_at_its_guest_addresses() {
 
     guard.unmap().unwrap();
     // Nothing of the guest's memory is left in the IOAS.
-    assert_eq!(ioas.unmap_all().unwrap_err().errno(), Some(iommufd::Errno::NOENT));
+    assert_eq!(ioas.unmap_all().unwrap(), 0);
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn identity_map_for_a_guest_without_a_viommu() {
     assert_eq!(got, data);
     // Memory hotplug through the identity map.
     let plugged = region(0x80_0000, LEN);
-    map.ram().add_region(&plugged).unwrap();
+    map.mapping_mut().add_region(&plugged).unwrap();
     edu.device_to_ram(0x80_0000, LEN as u64);
     plugged.read_slice(&mut got, vm_memory::MemoryRegionAddress(0)).unwrap();
     assert_eq!(got, data);
@@ -263,6 +263,8 @@ fn one_msi_vector_is_updated_in_place() {
     let msi = PciIrq::Msi.index();
     assert_eq!(dev.irq_info(msi).unwrap().count, 1, "edu has one MSI vector");
     let bar = dev.map_region(PciRegion::Bar(0).index()).unwrap();
+    // An MSI is a memory write by the device: it needs bus mastering, which vfio-pci leaves off.
+    dev.set_bus_master(true).unwrap();
     let (first, second, third) = (eventfd(), eventfd(), eventfd());
     dev.set_irq_eventfds(msi, 0, &[first.borrow_fd()]).unwrap();
     bar.write_u32(RAISE, 1).unwrap();
