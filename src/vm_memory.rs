@@ -51,6 +51,11 @@ impl<B: Bitmap + std::fmt::Debug + Send + Sync + 'static> RamBitmap for B {}
 ///
 /// Such mappings may be [copied](Ioas::copy) into another IOAS by safe code: a copy holds the region
 /// too.
+///
+/// What this relies on is what `vm-memory`'s own safe accessors rely on: the memory of an
+/// [`MmapRegion`] stays mapped while the `MmapRegion` lives. For regions it mmaps itself `vm-memory`
+/// unmaps them when the last reference goes; for externally managed memory
+/// (`MmapRegion::build_raw`) it is the promise made by the `unsafe` call that built the region.
 #[derive(Debug)]
 pub struct GuestRam<B = ()>(PhantomData<fn() -> B>);
 
