@@ -173,7 +173,6 @@ pub use viommu::{
 };
 
 #[cfg(feature = "vm-memory")]
-#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 pub use self::vm_memory::{GuestMemoryMapping, GuestRam, IdentityMap, RamBitmap};
 
 /// Raw bindings, re-exported for the rare field this crate does not type.

@@ -42,6 +42,7 @@ use crate::{Attachment, BoundDevice, Iommufd};
 
 /// The bitmaps a mapped [`MmapRegion`] may carry (`()` for none, or `vm-memory`'s dirty bitmaps):
 /// whatever a [`Mapping`] can hold and share between threads.
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 pub trait RamBitmap: Bitmap + std::fmt::Debug + Send + Sync + 'static {}
 impl<B: Bitmap + std::fmt::Debug + Send + Sync + 'static> RamBitmap for B {}
 
@@ -56,6 +57,7 @@ impl<B: Bitmap + std::fmt::Debug + Send + Sync + 'static> RamBitmap for B {}
 /// [`MmapRegion`] stays mapped while the `MmapRegion` lives. For regions it mmaps itself `vm-memory`
 /// unmaps them when the last reference goes; for externally managed memory
 /// (`MmapRegion::build_raw`) it is the promise made by the `unsafe` call that built the region.
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 #[derive(Debug)]
 pub struct GuestRam<B = ()>(PhantomData<fn() -> B>);
 
@@ -212,6 +214,7 @@ impl Ioas {
 /// never freed); [`unmap`](Self::unmap) does the same and reports failure. Regions come and go with
 /// memory hotplug through [`add_region`](Self::add_region), [`remove_region`](Self::remove_region)
 /// and [`update`](Self::update); the guard always lists exactly the regions the kernel maps.
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 #[must_use = "dropping a GuestMemoryMapping unmaps the guest RAM at once"]
 pub struct GuestMemoryMapping<M: Memory = GuestRam> {
     ioas: Ioas,
@@ -356,6 +359,7 @@ impl<B: RamBitmap> GuestMemoryMapping<GuestRam<B>> {
 /// (attaching after mapping fails in the kernel instead, with `EADDRINUSE`, when a mapping covers
 /// a device's reserved range). Dropping it detaches the devices, then unmaps the RAM, then destroys
 /// the IOAS, in the order the kernel requires.
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 #[derive(Debug)]
 pub struct IdentityMap<B: RamBitmap = ()> {
     // Declared in teardown order: detach, unmap, destroy.
