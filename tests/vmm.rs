@@ -158,19 +158,21 @@ fn memory_hotplug_follows_the_guest_memory_snapshots() {
 fn identity_map_for_a_guest_without_a_viommu() {
     let fd = Iommufd::open().unwrap();
     let dev = bind(&fd);
-    // RAM where the attached IOMMU reserves the IOVAs: refused before anything is mapped, and the
-    // device is detached again (the next attach succeeds).
-    let reserved = match iommu().as_str() {
-        // The x86 interrupt window, reserved by intel-iommu's interrupt remapping (measured).
-        "intel" => Some(0xfee0_0000),
-        _ => None,
-    };
-    let beyond = {
+    // The usable IOVA space with the device attached: its end, and the first hole in it (a range the
+    // IOMMU reserves for the device).
+    let (hole, beyond) = {
         let ioas = fd.alloc_ioas().unwrap();
         let _att = dev.attach(&ioas).unwrap();
-        ioas.iova_ranges().unwrap().ranges.last().unwrap().last + 1
+        let ranges = ioas.iova_ranges().unwrap().ranges;
+        (ranges.windows(2).next().map(|w| w[0].last + 1), ranges.last().unwrap().last + 1)
     };
-    for gpa in reserved.into_iter().chain([beyond]) {
+    if iommu() == "intel" {
+        // The x86 interrupt window, reserved for interrupt remapping (measured).
+        assert_eq!(hole, Some(0xfee0_0000), "intel-iommu's reserved interrupt window");
+    }
+    // RAM there is refused before anything is mapped, and the device is detached again (the next
+    // attach succeeds).
+    for gpa in hole.into_iter().chain([beyond]) {
         let bad = guest_memory(&[HIGH, (gpa, LEN)]);
         match IdentityMap::new(&fd, &[&dev], &bad) {
             Err(Error::InvalidArgument { reason, .. }) => {
@@ -178,6 +180,14 @@ fn identity_map_for_a_guest_without_a_viommu() {
             }
             other => panic!("RAM at GPA {gpa:#x} was not refused: {other:?}"),
         }
+    }
+    // The ordering rule: RAM mapped over the hole before the attach makes the kernel refuse the attach.
+    if let Some(gpa) = hole {
+        let ioas = fd.alloc_ioas().unwrap();
+        let ram = guest_memory(&[(gpa, LEN)]);
+        let _guard = ioas.map_guest_memory(&ram, Access::READ_WRITE).unwrap();
+        let e = dev.attach(&ioas).unwrap_err();
+        assert_eq!(e.errno(), Some(iommufd::Errno::ADDRINUSE), "{e}");
     }
 
     let mem = guest_memory(&[LOW, HIGH]);
