@@ -22,7 +22,8 @@ impl BoundDevice {
     /// A vector that had an eventfd is switched to the new one. On an index that is not enabled yet,
     /// the kernel enables it with `vector + 1` vectors (MSI fixes its vector count at that moment:
     /// enable MSI with [`set_irq_eventfds`](Self::set_irq_eventfds) over all the vectors the guest
-    /// enabled; MSI-X can add vectors later). INTx and MSI/MSI-X exclude each other: while one is
+    /// enabled; MSI-X can add vectors later where the platform allocates MSI-X vectors dynamically,
+    /// since Linux 6.5). INTx and MSI/MSI-X exclude each other: while one is
     /// enabled, the kernel refuses the other with `EINVAL`.
     pub fn set_irq_vector(&self, index: u32, vector: u32, eventfd: impl AsFd) -> Result<()> {
         self.set_irq_vectors(index, vector, &[Some(eventfd.as_fd())])
@@ -31,7 +32,8 @@ impl BoundDevice {
     /// Detaches the eventfd of vector `vector` of interrupt `index` and leaves every other vector as
     /// it is (the kernel's `-1` entry). The index stays enabled: the vector can be given an eventfd
     /// again with [`set_irq_vector`](Self::set_irq_vector), and [`disable_irqs`](Self::disable_irqs)
-    /// disables the whole index.
+    /// disables the whole index. On an index that is not enabled, the kernel enables it, with this
+    /// vector detached.
     pub fn clear_irq_vector(&self, index: u32, vector: u32) -> Result<()> {
         self.set_irq_vectors(index, vector, &[None])
     }
