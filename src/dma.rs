@@ -190,7 +190,7 @@ impl DmaBuffer {
     }
 }
 
-mod sealed {
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 

@@ -633,6 +633,19 @@ impl Ioas {
         at: Iova,
         access: Access,
     ) -> Result<Mapping<UserMemory>> {
+        self.map_va_held::<UserMemory>(va, len, at, access, ())
+    }
+
+    /// `IOMMU_IOAS_MAP` of `va..va+len` into a guard holding `held`. The caller answers for the
+    /// memory: `held` keeps it alive, or the caller is under [`map_user`](Self::map_user)'s contract.
+    pub(crate) fn map_va_held<M: Memory>(
+        &self,
+        va: *mut u8,
+        len: usize,
+        at: Iova,
+        access: Access,
+        held: M::Held,
+    ) -> Result<Mapping<M>> {
         const OP: &str = "IOMMU_IOAS_MAP";
         Self::check_access(OP, access)?;
         let page = page_size();
@@ -648,9 +661,9 @@ impl Ioas {
         match self.place_and_map(&mut areas, OP, at, len, va, |flags, iova| {
             self.map_va(va, len, flags | access.bits(), iova)
         }) {
-            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
+            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, held)),
             Err((e, flags, iova)) => {
-                self.failed_map(&mut areas, &e, flags, iova, len, ());
+                self.failed_map(&mut areas, &e, flags, iova, len, held);
                 Err(e)
             }
         }
@@ -1001,6 +1014,11 @@ impl<M: Memory> Mapping<M> {
     /// The device's permissions.
     pub fn access(&self) -> Access {
         self.access
+    }
+
+    /// What the guard keeps alive for the range (`None` only once it has been released).
+    pub(crate) fn held(&self) -> Option<&M::Held> {
+        self.held.as_ref()
     }
 
     /// Id of the IOAS the range lives in.

@@ -86,6 +86,39 @@
 //! as a [`MigrationData`] (`Read` when saving, `Write` when resuming, with a safe
 //! [`precopy_info`](MigrationData::precopy_info)).
 //!
+//! # For VMMs
+//!
+//! With feature `vm-memory`, [`Ioas::map_guest_memory`] maps the RAM of a `vm-memory` guest memory
+//! object at IOVA = guest physical address and returns one [`GuestMemoryMapping`] guard (safe: the
+//! guard holds the regions' reference-counted mmaps), which follows memory hotplug; [`IdentityMap`]
+//! is the whole setup for a guest without a vIOMMU. With feature `vmm-sys-util`, [`EventFdExt`] lends
+//! an `EventFd` to every API that takes an fd. [`BoundDevice::set_irq_vector`] updates one MSI/MSI-X
+//! vector in place, [`BoundDevice::set_irq_unmask_eventfd`] gives INTx its unmask (KVM resample)
+//! eventfd, and [`RegionMapping::host_address`] hands a mapped BAR to a KVM memory slot.
+//!
+//! Ordering rules a VMM must keep:
+//!
+//! - **KVM learns the device file before the bind.** Add the cdev to KVM's VFIO device
+//!   (`KVM_DEV_VFIO_FILE_ADD` with the fd of the [`VfioDevice`], which implements `AsFd`) *before*
+//!   [`VfioDevice::bind`], and with that same open file: the kernel records the KVM in the open file
+//!   and hands it to the device when that file is bound, so a file added after the bind (or another
+//!   open of the same cdev) leaves the device without it, and drivers that need KVM when they open
+//!   (some mediated vGPUs) fail the bind.
+//! - **Attach, then map guest RAM.** Attaching tells the IOAS the device's reserved IOVA ranges (the
+//!   x86 interrupt window at `0xfee00000`); mapping afterwards lets a RAM region there be refused
+//!   with a clear error, while attaching after the map fails in the kernel with `EADDRINUSE`.
+//! - **Hotplug order.** Map new RAM before the guest is told about it; unmap removed RAM after the
+//!   guest gave it up and before the VMM frees it (a [`GuestMemoryMapping`] holds it until then).
+//! - **Interrupts.** Set INTx's trigger eventfd before its unmask eventfd. INTx, MSI and MSI-X
+//!   exclude each other; MSI fixes its vector count when it is first enabled (enable all the
+//!   vectors the guest enabled at once), MSI-X can grow later.
+//! - **BAR memory slots.** Delete a KVM memory slot over a BAR before dropping its [`RegionMapping`]
+//!   (the address may be reused by any other mapping afterwards). A BAR holding the MSI-X table is
+//!   mappable only in the areas the kernel offers, unless the region reports
+//!   [`RegionInfo::msix_mappable`].
+//! - **Bus mastering.** vfio-pci leaves it off; the guest's driver turns it on through config-space
+//!   writes the VMM forwards ([`BoundDevice::write_config_u16`]), and without it DMA does nothing.
+//!
 //! # Errors
 //!
 //! One [`Error`] type. Kernel failures carry the operation and errno, plus a hint where the errno has a
@@ -120,6 +153,8 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 mod viommu;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
 
 pub use compat::VfioCompatIoas;
 pub use device::*;
@@ -144,6 +179,9 @@ pub use viommu::{
     HwQueue, HwQueueType, LostEvents, Vdevice, Vevent, VeventData, VeventRecord, Veventq, VeventqType,
     Viommu, ViommuType,
 };
+
+#[cfg(feature = "vm-memory")]
+pub use self::vm_memory::{GuestMemoryMapping, GuestRam, IdentityMap, RamBitmap};
 
 /// Raw bindings, re-exported for the rare field this crate does not type.
 pub use iommufd_sys as sys;

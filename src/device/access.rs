@@ -677,7 +677,7 @@ fn region_info_fixed(fd: BorrowedFd<'_>, index: u32) -> Result<(sys::vfio_region
 ///
 /// Checks, as the kernel will: `start + count` must not overflow; with `DATA_EVENTFD`, `fds` must have
 /// `count` entries, and without it none.
-fn irq_set_buffer(
+pub(super) fn irq_set_buffer(
     op: &'static str,
     flags: u32,
     index: u32,
@@ -946,6 +946,34 @@ impl RegionMapping {
     /// Where in the region the mapping starts.
     pub fn region_offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The address in this process the mapping starts at, for handing the BAR to a hypervisor: a KVM
+    /// memory slot (`KVM_SET_USER_MEMORY_REGION`'s `userspace_addr`) over it lets the guest reach the
+    /// device's registers without a trap to the VMM.
+    ///
+    /// Only regions that allow it can be mapped at all ([`RegionFlags::MMAP`], and for a BAR that
+    /// holds the MSI-X table, only the sparse areas the kernel offers, or the whole BAR where the
+    /// region reports the MSI-X-mappable capability).
+    ///
+    /// # Safety
+    ///
+    /// The address is the caller's to use only while this `RegionMapping` lives. Dropping it unmaps
+    /// the range, and the kernel may then put any other mapping of this process there, which a user
+    /// still holding the address (a memory slot, another thread) would read and write instead.
+    /// Therefore the caller must:
+    ///
+    /// - make every user it hands the address to stop using it before this mapping is dropped (for
+    ///   KVM: delete the memory slot, by setting its size to 0, before dropping the mapping);
+    /// - never create a Rust reference (`&`/`&mut`) to the memory, which is device memory whose bytes
+    ///   change outside Rust's view: access it only through volatile loads and stores of the widths
+    ///   the device expects;
+    /// - not unmap, remap or change the protection of the range through the address.
+    ///
+    /// In a `fork()`ed child the address is the parent's mapping of the parent's device: the child
+    /// must not use it.
+    pub unsafe fn host_address(&self) -> *mut u8 {
+        self.ptr.as_ptr()
     }
 
     /// Validates an access of `width` bytes at `offset` and returns its address.

@@ -10,6 +10,7 @@ mod feature;
 mod group;
 mod hw_info;
 pub(crate) mod ident;
+mod irq;
 mod migration;
 mod pci;
 
@@ -18,6 +19,7 @@ pub use display::*;
 pub use feature::*;
 pub use group::*;
 pub use hw_info::*;
+pub use irq::*;
 pub use migration::*;
 pub use pci::*;
 

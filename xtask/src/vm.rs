@@ -277,8 +277,9 @@ struct Binaries {
 }
 
 fn cargo(what: &[&str]) -> Command {
-    // The suite includes the mock-IOMMU (`testing`) and async (`tokio`) tests.
-    cargo_package(what, "iommufd", "testing,tokio")
+    // The suite includes the mock-IOMMU (`testing`), async (`tokio`) and VMM (`vm-memory`,
+    // `vmm-sys-util`) tests.
+    cargo_package(what, "iommufd", "testing,tokio,vm-memory,vmm-sys-util")
 }
 
 fn cargo_package(what: &[&str], package: &str, features: &str) -> Command {
@@ -377,7 +378,12 @@ fn build_binaries(mode: Mode) -> Result<Binaries> {
     }
     // The tools, with the root crate's features of the builds above, so it is not built twice.
     let mut tools = Vec::new();
-    let build_tools = cargo_package(&["build", "--bins"], "iommufd-tools", "iommufd/testing,iommufd/tokio");
+    let build_tools = cargo_package(
+        &["build", "--bins"],
+        "iommufd-tools",
+        // The library's features as the tests build it, so it is compiled once.
+        "iommufd/testing,iommufd/tokio,iommufd/vm-memory,iommufd/vmm-sys-util",
+    );
     for (kind, name, path) in cargo_executables(build_tools)? {
         if kind == "bin" {
             tools.push((name, path));
