@@ -434,9 +434,16 @@ impl BoundDevice {
     /// Opts in to version 2 of the pre-copy query (`VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`, after
     /// Linux 6.19): from then on [`PrecopyInfo::reinit`] is reported. Needs
     /// [`MigrationFlags::PRE_COPY`] ([`Error::NotCapable`] otherwise, checked first).
+    ///
+    /// A kernel the probe dates before 6.19 lacks the feature: that is [`Error::Unsupported`]
+    /// (`since` 7.0, the first release after 6.19; errno `ENOTTY`, the older kernel's answer), before
+    /// any ioctl, rather than `ENOTTY` blaming the driver.
     pub fn enable_precopy_info_v2(&self) -> Result<()> {
         let feature = DeviceFeature::MIG_PRECOPY_INFO_V2;
         self.check_process(feature.name())?;
+        if self.iommufd().capabilities()?.predates("6.19") {
+            return Err(Error::unsupported(feature.name(), "7.0", Errno::NOTTY));
+        }
         let flags = self.migration_flags()?;
         if !flags.contains(MigrationFlags::PRE_COPY) {
             return Err(Error::NotCapable {
