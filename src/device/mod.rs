@@ -87,6 +87,37 @@ impl VfioDevice {
         }
     }
 
+    /// Opens the cdev of the mediated device `uuid` (`/sys/bus/mdev/devices/<uuid>/vfio-dev/vfioN`),
+    /// for example an instance created through `mdev_supported_types/<type>/create`. Anything but a
+    /// canonical UUID (`8-4-4-4-12` hexadecimal digits) is refused before the file system is touched.
+    ///
+    /// A mediated device uses iommufd's emulated access path: it binds and attaches to an IOAS like
+    /// any device, has no IOMMU group of its own (see [`BoundDevice::group`]), and cannot attach to a
+    /// HWPT.
+    pub fn open_mdev(uuid: &str) -> Result<VfioDevice> {
+        const OP: &str = "VfioDevice::open_mdev";
+        if !pci::is_uuid(uuid) {
+            return Err(Error::invalid(
+                OP,
+                format!("{uuid:?} is not a UUID (8-4-4-4-12 hexadecimal digits)"),
+            ));
+        }
+        let dir = Path::new("/sys/bus/mdev/devices").join(uuid);
+        let cdev =
+            pci::cdev_of(&dir, "no such mediated device, or the kernel lacks CONFIG_VFIO_DEVICE_CDEV")?;
+        let dev = Self::open(&cdev)?;
+        match dev.name() {
+            Some(name) if !name.eq_ignore_ascii_case(uuid) => Err(Error::Protocol {
+                op: OP,
+                detail: format!(
+                    "{} belongs to {name}, not {uuid} (was the device removed meanwhile?)",
+                    cdev.display()
+                ),
+            }),
+            _ => Ok(dev),
+        }
+    }
+
     /// Adopts an already-open device cdev (for example passed by a management process).
     ///
     /// The fd is identified by its device number (`fstat` and `/sys/dev/char/MAJOR:MINOR`) before any

@@ -1,7 +1,7 @@
 //! PCI addresses and the sysfs lookups that lead from one to a VFIO cdev.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
@@ -57,32 +57,10 @@ impl PciAddress {
 
     /// The device's VFIO cdev, `/dev/vfio/devices/vfioN`, from `<sysfs>/vfio-dev/vfioN`.
     pub fn vfio_cdev_path(&self) -> Result<PathBuf> {
-        let dir = self.sysfs_path().join("vfio-dev");
-        let entries = std::fs::read_dir(&dir).map_err(|e| {
-            let errno = rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::NOENT);
-            if errno == rustix::io::Errno::NOENT {
-                Error::Open {
-                    path: dir.clone(),
-                    errno,
-                    hint: Some(
-                        "the device is not bound to vfio-pci, or the kernel lacks CONFIG_VFIO_DEVICE_CDEV",
-                    ),
-                }
-            } else {
-                Error::open(dir.clone(), errno)
-            }
-        })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if let Some(name) = name.to_str().filter(|n| n.starts_with("vfio")) {
-                return Ok(PathBuf::from("/dev/vfio/devices").join(name));
-            }
-        }
-        Err(Error::Open {
-            path: dir,
-            errno: rustix::io::Errno::NOENT,
-            hint: Some("no vfioN entry in vfio-dev"),
-        })
+        cdev_of(
+            &self.sysfs_path(),
+            "the device is not bound to vfio-pci, or the kernel lacks CONFIG_VFIO_DEVICE_CDEV",
+        )
     }
 
     /// The driver currently bound to the device (`vfio-pci`, `edu`, ...), if any.
@@ -175,9 +153,60 @@ fn parse_sysfs_id(text: &str) -> Option<u16> {
     u16::from_str_radix(hex, 16).ok()
 }
 
+/// The VFIO cdev `/dev/vfio/devices/vfioN` of the device whose sysfs directory is `dir`, from
+/// `<dir>/vfio-dev/vfioN`; `absent` is the hint when `<dir>/vfio-dev` does not exist.
+pub(super) fn cdev_of(dir: &Path, absent: &'static str) -> Result<PathBuf> {
+    let dir = dir.join("vfio-dev");
+    let entries = std::fs::read_dir(&dir).map_err(|e| {
+        let errno = rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::NOENT);
+        if errno == rustix::io::Errno::NOENT {
+            Error::Open { path: dir.clone(), errno, hint: Some(absent) }
+        } else {
+            Error::open(dir.clone(), errno)
+        }
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if let Some(name) = name.to_str().filter(|n| n.starts_with("vfio")) {
+            return Ok(PathBuf::from("/dev/vfio/devices").join(name));
+        }
+    }
+    Err(Error::Open { path: dir, errno: rustix::io::Errno::NOENT, hint: Some("no vfioN entry in vfio-dev") })
+}
+
+/// True if `uuid` is a UUID in its canonical text form (`8-4-4-4-12` hexadecimal digits), the name of
+/// a mediated device.
+pub(super) fn is_uuid(uuid: &str) -> bool {
+    let groups: Vec<&str> = uuid.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mdev_names_are_canonical_uuids() {
+        assert!(is_uuid("83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"));
+        assert!(is_uuid("83B8F4F2-509F-382F-3C1E-E6BFE0FA1001"));
+        for bad in [
+            "",
+            "83b8f4f2509f382f3c1ee6bfe0fa1001",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa100",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001-",
+            "../../../../etc/passwd-aaaa-bbbb-cccc",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa10g1",
+            "83b8f4f2-509f-382f-3c1e/e6bfe0fa1001",
+        ] {
+            assert!(!is_uuid(bad), "{bad:?}");
+            let e = crate::VfioDevice::open_mdev(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn sysfs_ids() {

@@ -229,9 +229,11 @@ impl Mdev {
         std::path::PathBuf::from("/dev/vfio/devices").join(name)
     }
 
-    /// Opens the instance's cdev and binds it to `iommufd`.
+    /// Opens the instance's cdev by its UUID and binds it to `iommufd`.
     pub fn bind(&self, iommufd: &Iommufd) -> BoundDevice {
-        VfioDevice::open(self.cdev()).expect("open mdev cdev").bind(iommufd).expect("bind mdev")
+        let dev = VfioDevice::open_mdev(&self.uuid).expect("open mdev cdev");
+        assert_eq!(dev.name(), Some(self.uuid.as_str()), "the cdev's device is the instance");
+        dev.bind(iommufd).expect("bind mdev")
     }
 }
 
