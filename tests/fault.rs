@@ -9,7 +9,7 @@ use std::time::Duration;
 mod common;
 use common::{busy, gone, logs};
 
-use iommufd::testing::{MockDevice, MockDeviceFlags, PageRequest};
+use iommufd::testing::{MockDevice, PageRequest};
 use iommufd::{
     Errno, Error, FaultPerm, FaultQueue, Hwpt, HwptFlags, Iommufd, PageFault, PageFaultFlags, PageResponse,
     ResponseCode,
@@ -159,16 +159,7 @@ fn pasid_faults_carry_the_pasid() {
     }
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let r = MockDevice::with_flags(&ioas, MockDeviceFlags::PASID);
-    if common::unsupported_here(
-        &r,
-        "IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS (MOCK_FLAGS_DEVICE_PASID)",
-        "6.15",
-        iommufd::Errno::INVAL,
-    ) {
-        return;
-    }
-    let dev = r.unwrap();
+    let Some(dev) = common::pasid_mock_device(&ioas) else { return };
     // PASID attachment needs PASID-capable tables for the whole device and the PASID.
     let whole = Hwpt::alloc(&dev, &ioas, HwptFlags::PASID).unwrap();
     dev.replace(&whole).unwrap();

@@ -174,12 +174,8 @@ fn hw_info_reports_the_mock_iommu() {
 
     let no_dirty = MockDevice::with_flags(&ioas, MockDeviceFlags::NO_DIRTY).unwrap();
     assert!(!hw_info(&no_dirty).unwrap().capabilities.contains(iommufd::HwCapabilities::DIRTY_TRACKING));
-    let pasid = MockDevice::with_flags(&ioas, MockDeviceFlags::PASID);
-    let op = "IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS (MOCK_FLAGS_DEVICE_PASID)";
-    if common::unsupported_here(&pasid, op, "6.15", Errno::INVAL) {
-        return;
-    }
-    assert_eq!(hw_info(&pasid.unwrap()).unwrap().max_pasid_log2, testing::PASID_WIDTH);
+    let Some(pasid) = common::pasid_mock_device(&ioas) else { return };
+    assert_eq!(hw_info(&pasid).unwrap().max_pasid_log2, testing::PASID_WIDTH);
 }
 
 #[test]
@@ -267,16 +263,7 @@ fn pasids_attach_replace_and_detach() {
     }
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let r = MockDevice::with_flags(&ioas, MockDeviceFlags::PASID);
-    if common::unsupported_here(
-        &r,
-        "IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS (MOCK_FLAGS_DEVICE_PASID)",
-        "6.15",
-        iommufd::Errno::INVAL,
-    ) {
-        return;
-    }
-    let mock = r.unwrap();
+    let Some(mock) = common::pasid_mock_device(&ioas) else { return };
     // The whole device must sit on a PASID-capable table before any PASID is attached.
     let rid = Hwpt::alloc(&mock, &ioas, HwptFlags::PASID).unwrap();
     let a = Hwpt::alloc(&mock, &ioas, HwptFlags::PASID).unwrap();

@@ -167,22 +167,30 @@ fn a_refused_close_or_failed_detach_hands_the_handle_back() {
     ioas.destroy().unwrap();
 }
 
+/// Attaches `dev` to a fresh HWPT on `ioas`, drops the HWPT's handle, then drops the attachment while
+/// the device fd is broken: the detach fails (logged once), leaving an orphaned slot that holds the
+/// HWPT. Returns the HWPT's id.
+fn orphan_a_hwpt(dev: &BoundDevice, ioas: &iommufd::Ioas) -> u32 {
+    let hwpt = Hwpt::alloc(dev, ioas, HwptFlags::empty()).unwrap();
+    let hwpt_id = hwpt.id();
+    let att = dev.attach(&hwpt).unwrap();
+    drop(hwpt);
+    logs::start();
+    let broken = BrokenFd::new(dev);
+    drop(att);
+    broken.restore();
+    let logged = logs::take();
+    assert!(logged.len() == 1 && logged[0].contains("detaching device"), "{logged:?}");
+    hwpt_id
+}
+
 #[test]
 #[ignore = "needs /dev/iommu and a VFIO device: run by cargo xtask vm-test"]
 fn a_failed_detach_on_drop_does_not_wedge_the_slot() {
     let fd = Iommufd::open().unwrap();
     let dev = bind(&fd);
     let ioas = fd.alloc_ioas().unwrap();
-    let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
-    let hwpt_id = hwpt.id();
-    let att = dev.attach(&hwpt).unwrap();
-    drop(hwpt);
-    logs::start();
-    let broken = BrokenFd::new(&dev);
-    drop(att);
-    broken.restore();
-    let logged = logs::take();
-    assert!(logged.len() == 1 && logged[0].contains("detaching device"), "{logged:?}");
+    let hwpt_id = orphan_a_hwpt(&dev, &ioas);
     // The kernel still has the device on the HWPT, so the HWPT was kept alive rather than destroyed.
     assert!(busy(&fd, hwpt_id), "the orphaned HWPT must stay alive while attached");
     // The slot is not wedged: attaching again replaces the orphaned HWPT in the kernel and releases it.
@@ -199,15 +207,7 @@ fn an_orphaned_slot_is_released_when_the_device_closes() {
     let fd = Iommufd::open().unwrap();
     let dev = bind(&fd);
     let ioas = fd.alloc_ioas().unwrap();
-    let hwpt = Hwpt::alloc(&dev, &ioas, HwptFlags::empty()).unwrap();
-    let hwpt_id = hwpt.id();
-    let att = dev.attach(&hwpt).unwrap();
-    drop(hwpt);
-    logs::start();
-    let broken = BrokenFd::new(&dev);
-    drop(att);
-    broken.restore();
-    assert_eq!(logs::take().len(), 1);
+    let hwpt_id = orphan_a_hwpt(&dev, &ioas);
     // Closing the cdev detaches the device in the kernel; then the orphaned HWPT is destroyed.
     dev.close().unwrap();
     assert!(gone(&fd, hwpt_id), "the orphaned HWPT leaked past the device");

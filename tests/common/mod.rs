@@ -328,3 +328,17 @@ pub fn allocated_hwpt_has_no_aperture() -> bool {
     std::env::var("IOMMUFD_TEST_IOMMU").is_ok_and(|i| i == "virtio")
         && kernel().is_some_and(|k| k.starts_with("6.12."))
 }
+
+/// A mock device with PASID support on `ioas`; `None` on a kernel older than 6.15, after asserting the
+/// exact `Unsupported` that kernel gives for the flag (the calling test has then checked what it can
+/// and ends).
+#[cfg(feature = "testing")]
+pub fn pasid_mock_device(ioas: &iommufd::Ioas) -> Option<iommufd::testing::MockDevice> {
+    use iommufd::testing::{MockDevice, MockDeviceFlags};
+    let r = MockDevice::with_flags(ioas, MockDeviceFlags::PASID);
+    let op = "IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS (MOCK_FLAGS_DEVICE_PASID)";
+    if unsupported_here(&r, op, "6.15", iommufd::Errno::INVAL) {
+        return None;
+    }
+    Some(r.expect("mock device with PASID"))
+}
