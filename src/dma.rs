@@ -19,7 +19,7 @@
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -269,60 +269,87 @@ pub(crate) fn dma_region(buffer: DmaBuffer) -> Arc<Region> {
     buffer.region
 }
 
-/// Copy out of device-visible memory, with relaxed atomic loads (8 bytes at a time where aligned).
+/// The 8-byte-aligned words that overlap `start..start+len`: the first word's address and the
+/// number of words.
+fn words(start: usize, len: usize) -> (usize, usize) {
+    let first = start & !7;
+    (first, (start + len - first).div_ceil(8))
+}
+
+/// Copy out of device-visible memory, with relaxed atomic loads of whole aligned 8-byte words.
 ///
 /// Atomic rather than volatile: a device, other threads (through `&Mapping` or a copy of it) and this
-/// thread may all access the bytes at once, and only atomic accesses make that well defined. Relaxed
-/// atomics compile to plain loads and stores on every supported architecture.
+/// thread may all access the bytes at once, and only atomic accesses make that well defined. Every
+/// access is an `AtomicU64` on an aligned word, whatever the offset and length (bytes at the edges are
+/// taken from their whole word), so concurrent copies never race accesses of different sizes on the
+/// same bytes. Relaxed atomics compile to plain loads and stores on every supported architecture.
 ///
 /// # Safety
 ///
-/// `src..src+dst.len()` must be memory of this process that is readable and writable (the atomic
-/// types require both) and stays mapped for the call, and no Rust reference may cover it.
+/// Every 8-byte-aligned word overlapping `src..src+dst.len()` must be memory of this process that is
+/// readable and writable (the atomic types require both) and stays mapped for the call, and no Rust
+/// reference may cover it. A range inside page-aligned memory satisfies the first part: pages are
+/// whole words.
 pub(crate) unsafe fn copy_from_device(src: *const u8, dst: &mut [u8]) {
-    let len = dst.len();
-    let mut i = 0;
-    while i < len {
-        // SAFETY: `src + i` is inside the range the caller guarantees.
-        let p = unsafe { src.add(i) };
-        if (p as usize) % 8 == 0 && len - i >= 8 {
-            // SAFETY: `p` is 8-aligned and `p..p+8` lies inside the caller's read-write range, which
-            // no Rust reference covers, so treating it as an `AtomicU64` for this load is sound.
-            let word = unsafe { AtomicU64::from_ptr(p.cast_mut().cast::<u64>()) }.load(Ordering::Relaxed);
-            dst[i..i + 8].copy_from_slice(&word.to_ne_bytes());
-            i += 8;
-        } else {
-            // SAFETY: `p` is inside the caller's read-write range (any address is aligned for u8).
-            dst[i] = unsafe { AtomicU8::from_ptr(p.cast_mut()) }.load(Ordering::Relaxed);
-            i += 1;
-        }
+    if dst.is_empty() {
+        return;
+    }
+    let (first, n) = words(src as usize, dst.len());
+    let skip = src as usize - first;
+    let mut out = 0;
+    for w in 0..n {
+        // SAFETY: word `w` is an aligned word overlapping the caller's range, which the caller
+        // guarantees is read-write memory of this process that no Rust reference covers.
+        let word = unsafe { AtomicU64::from_ptr((first + 8 * w) as *mut u64) }.load(Ordering::Relaxed);
+        let bytes = word.to_ne_bytes();
+        let from = if w == 0 { skip } else { 0 };
+        let take = (8 - from).min(dst.len() - out);
+        dst[out..out + take].copy_from_slice(&bytes[from..from + take]);
+        out += take;
     }
 }
 
-/// Copy into device-visible memory, with relaxed atomic stores (8 bytes at a time where aligned).
+/// Copy into device-visible memory, with relaxed atomic stores of whole aligned 8-byte words; a word
+/// only partly written (at the edges) is merged with a compare-and-exchange loop, so bytes of it
+/// outside the range that a device or another thread changes meanwhile are kept.
 ///
 /// # Safety
 ///
-/// As for [`copy_from_device`]: `dst..dst+src.len()` must be readable and writable memory of this
-/// process that stays mapped for the call, covered by no Rust reference.
+/// As for [`copy_from_device`]: every 8-byte-aligned word overlapping `dst..dst+src.len()` must be
+/// readable and writable memory of this process that stays mapped for the call, covered by no Rust
+/// reference.
 pub(crate) unsafe fn copy_to_device(src: &[u8], dst: *mut u8) {
-    let len = src.len();
-    let mut i = 0;
-    while i < len {
-        // SAFETY: `dst + i` is inside the range the caller guarantees.
-        let p = unsafe { dst.add(i) };
-        if (p as usize) % 8 == 0 && len - i >= 8 {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&src[i..i + 8]);
-            // SAFETY: `p` is 8-aligned and `p..p+8` lies inside the caller's read-write range, which
-            // no Rust reference covers, so treating it as an `AtomicU64` for this store is sound.
-            unsafe { AtomicU64::from_ptr(p.cast::<u64>()) }
-                .store(u64::from_ne_bytes(word), Ordering::Relaxed);
-            i += 8;
-        } else {
-            // SAFETY: `p` is inside the caller's read-write range (any address is aligned for u8).
-            unsafe { AtomicU8::from_ptr(p) }.store(src[i], Ordering::Relaxed);
-            i += 1;
+    if src.is_empty() {
+        return;
+    }
+    let (first, n) = words(dst as usize, src.len());
+    let skip = dst as usize - first;
+    let mut used = 0;
+    for w in 0..n {
+        // SAFETY: word `w` is an aligned word overlapping the caller's range, which the caller
+        // guarantees is read-write memory of this process that no Rust reference covers.
+        let atom = unsafe { AtomicU64::from_ptr((first + 8 * w) as *mut u64) };
+        let from = if w == 0 { skip } else { 0 };
+        let take = (8 - from).min(src.len() - used);
+        let part = &src[used..used + take];
+        used += take;
+        if take == 8 {
+            atom.store(u64::from_ne_bytes(part.try_into().expect("8 bytes")), Ordering::Relaxed);
+            continue;
+        }
+        let mut old = atom.load(Ordering::Relaxed);
+        loop {
+            let mut bytes = old.to_ne_bytes();
+            bytes[from..from + take].copy_from_slice(part);
+            match atom.compare_exchange_weak(
+                old,
+                u64::from_ne_bytes(bytes),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
         }
     }
 }

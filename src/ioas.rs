@@ -1098,22 +1098,25 @@ impl Mapping<DmaBuffer> {
     }
 
     /// Copies `dst.len()` bytes at `offset` out of the mapped buffer. The device may be writing them:
-    /// each byte is read with a relaxed atomic load (8 bytes at a time where aligned), so the copy is
+    /// every byte is read through relaxed atomic loads of whole aligned 8-byte words, so the copy is
     /// well defined but not a snapshot; order it after the device's completion signal.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         let src = self.check("Mapping::read_at", offset, dst.len())?;
         // SAFETY: `src..src+dst.len()` lies inside the read-write anonymous region this guard keeps
-        // mapped (checked above, in the process that mapped it).
+        // mapped (checked above, in the process that mapped it); the region is page-aligned and whole
+        // pages long, so every aligned word overlapping the range is inside it too.
         unsafe { dma::copy_from_device(src, dst) };
         Ok(())
     }
 
-    /// Copies `src` into the mapped buffer at `offset` with relaxed atomic stores (the device may be
-    /// reading; other threads may be copying too).
+    /// Copies `src` into the mapped buffer at `offset` with relaxed atomic stores of aligned 8-byte
+    /// words (edge words merged by compare-and-exchange, keeping their other bytes): the device may be
+    /// reading, other threads may be copying too.
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<()> {
         let dst = self.check("Mapping::write_at", offset, src.len())?;
         // SAFETY: `dst..dst+src.len()` lies inside the read-write anonymous region this guard keeps
-        // mapped (checked above, in the process that mapped it).
+        // mapped (checked above, in the process that mapped it); the region is page-aligned and whole
+        // pages long, so every aligned word overlapping the range is inside it too.
         unsafe { dma::copy_to_device(src, dst) };
         Ok(())
     }

@@ -41,10 +41,14 @@ impl Object {
         Ok(())
     }
 
-    /// [`try_destroy`](Self::try_destroy) for an owner that does not keep the object on failure: it
-    /// is dropped still live, so its drop tries once more and logs.
+    /// [`try_destroy`](Self::try_destroy) for an owner that gives its handle up either way. On
+    /// failure the caller has the error and keeps alive (leaks) what the kernel object still holds,
+    /// so the object is not tried again on drop: a later success there would release it under
+    /// dependencies the caller already gave up. It lives until the iommufd is closed.
     pub(crate) fn destroy(mut self) -> Result<()> {
-        self.try_destroy()
+        let r = self.try_destroy();
+        self.live = false;
+        r
     }
 }
 

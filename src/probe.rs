@@ -631,12 +631,6 @@ pub(crate) fn probe_bind_token(cdev: BorrowedFd<'_>) -> Result<bool> {
     bind_token_probe(cdev, &mut GuardPage::new()?)
 }
 
-/// Whether the kernel and the device's driver accept PASID attachment
-/// ([`DeviceCapabilities::pasid_attach`]); the cdev must be bound.
-pub(crate) fn probe_pasid_attach(cdev: BorrowedFd<'_>) -> Result<bool> {
-    pasid_probe(cdev, &mut GuardPage::new()?)
-}
-
 /// Who lacks PASID attachment, if anyone: `Ok(None)` if the kernel and driver accept it,
 /// `Some(Errno::INVAL)` if the kernel predates the flag (6.15), `Some(Errno::OPNOTSUPP)` if the
 /// device's driver does not implement it. The cdev must be bound.

@@ -266,7 +266,7 @@ fn iova_range_arithmetic() {
 
 #[test]
 fn device_copies_move_every_byte_at_any_alignment() {
-    // The atomic copies switch between byte and 8-byte accesses by alignment: every offset and
+    // The atomic copies access whole aligned words and merge the partial ones at the edges: every offset and
     // length combination must move exactly the bytes asked for and nothing else.
     let mut backing = vec![0u64; 8];
     let base = backing.as_mut_ptr().cast::<u8>();
@@ -287,6 +287,48 @@ fn device_copies_move_every_byte_at_any_alignment() {
             assert!(all[offset + len..].iter().all(|&b| b == 0), "wrote past offset {offset} len {len}");
         }
     }
+}
+
+#[test]
+fn concurrent_copies_of_neighbouring_bytes_in_one_word_lose_nothing() {
+    // Two threads write disjoint byte ranges that share aligned words (3..13 and the edges 0..3,
+    // 13..16) while a third reads an odd range across both: every access is a whole-word atomic, and
+    // the partial words are merged, so neither writer's bytes are lost to the other's.
+    let mut backing = vec![0u64; 2];
+    let addr = backing.as_mut_ptr() as usize;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for round in 0..20_000u32 {
+                let v = [(round % 251) as u8 | 1; 10];
+                // SAFETY: `addr+3..addr+13` is inside `backing` (16 bytes, whole words), read-write,
+                // no reference to it is live while the threads run; all accesses are atomic.
+                unsafe { crate::dma::copy_to_device(&v, (addr + 3) as *mut u8) };
+            }
+        });
+        s.spawn(move || {
+            for round in 0..20_000u32 {
+                let v = [(round % 241) as u8 | 0x80; 3];
+                // SAFETY: as above, for `addr..addr+3` and `addr+13..addr+16`.
+                unsafe { crate::dma::copy_to_device(&v, addr as *mut u8) };
+                // SAFETY: as above.
+                unsafe { crate::dma::copy_to_device(&v, (addr + 13) as *mut u8) };
+            }
+        });
+        s.spawn(move || {
+            let mut out = [0u8; 7];
+            for _ in 0..20_000 {
+                // SAFETY: as above, for `addr+1..addr+8`.
+                unsafe { crate::dma::copy_from_device((addr + 1) as *const u8, &mut out) };
+            }
+        });
+    });
+    // SAFETY: the threads are joined: `backing` is read through its own pointer, no other access.
+    let all = unsafe { std::slice::from_raw_parts(addr as *const u8, 16) };
+    assert_eq!(&all[3..13], &[(19_999 % 251) as u8 | 1; 10], "the middle writer's last bytes");
+    for edge in [&all[0..3], &all[13..16]] {
+        assert_eq!(edge, &[(19_999 % 241) as u8 | 0x80; 3], "the edge writer's last bytes");
+    }
+    drop(backing);
 }
 
 #[test]

@@ -138,6 +138,11 @@ fn memory_hotplug_follows_the_guest_memory_snapshots() {
     guard.update(&atomic.memory()).unwrap();
     assert_eq!(mapped(&guard), vec![(0x100_0000, 0x10_0000)]);
     let before = read_mmap(&removed.get_mmap(), 0, LEN);
+    // Load edu with bytes the removed region does not hold, so a DMA reaching it would show.
+    let fresh = pattern(9, LEN);
+    assert_ne!(fresh, before);
+    added.write_slice(&fresh, vm_memory::MemoryRegionAddress(LEN as u64)).unwrap();
+    edu.ram_to_device(0x100_0000 + LEN as u64, LEN as u64);
     edu.device_to_ram(HIGH.0, LEN as u64);
     assert_eq!(read_mmap(&removed.get_mmap(), 0, LEN), before, "DMA reached a removed region");
 
@@ -209,7 +214,9 @@ fn identity_map_for_a_guest_without_a_viommu() {
     plugged.read_slice(&mut got, vm_memory::MemoryRegionAddress(0)).unwrap();
     assert_eq!(got, data);
     // Attaching a device that is attached already is refused; the map is unchanged.
-    assert!(map.attach(&dev).is_err());
+    let e = map.attach(&dev).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    assert_eq!(map.attachments().len(), 1);
     drop(map);
     // Teardown detached the device: it attaches again.
     let ioas = fd.alloc_ioas().unwrap();
@@ -341,11 +348,15 @@ fn intx_with_an_unmask_eventfd_resamples_a_level_interrupt() {
     bar.write_u32(ACK, 2).unwrap();
 
     dev.clear_irq_unmask_eventfd(intx, 0).unwrap();
-    // Without it, the VMM unmasks by ioctl.
-    unmask.write(1).unwrap();
-    dev.unmask_irq(intx, 0).unwrap();
+    // The line is masked since the last interrupt. Raised again, it stays masked: the cleared eventfd
+    // no longer unmasks it; the VMM unmasks by ioctl.
     bar.write_u32(RAISE, 4).unwrap();
-    assert!(wait(&trigger) >= 1);
+    unmask.write(1).unwrap();
+    // The kernel acts on an eventfd signal from a work item: give it time to (wrongly) act.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(quiet(&trigger), "the cleared unmask eventfd still unmasked the line");
+    dev.unmask_irq(intx, 0).unwrap();
+    assert!(wait(&trigger) >= 1, "the ioctl unmasked the still-asserted line");
     bar.write_u32(ACK, 4).unwrap();
     dev.disable_irqs(intx).unwrap();
     // Disabling INTx dropped the unmask eventfd with it: setting one needs INTx again.

@@ -564,19 +564,11 @@ impl BoundDevice {
     /// tear the index down.
     pub fn set_irq_eventfds(&self, index: u32, start: u32, fds: &[impl AsFd]) -> Result<()> {
         const OP: &str = "BoundDevice::set_irq_eventfds";
-        self.check_process(OP)?;
         if fds.is_empty() {
             return Err(Error::invalid(OP, "no eventfds given (use disable_irqs to disable the index)"));
         }
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
-        let count = u32::try_from(raw.len())
-            .map_err(|_| Error::invalid(OP, format!("{} eventfds is too many", raw.len())))?;
-        let flags = sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER;
-        let mut buf = irq_set_buffer(OP, flags, index, start, count, &raw)?;
-        // SAFETY: `buf` is a `vfio_irq_set` header followed by `count` i32 fds, with `argsz` equal to
-        // its byte length (built by `irq_set_buffer`), 4-byte aligned like the structure. It holds no
-        // pointers; the fds are borrowed from `fds`, open for the duration of the call.
-        unsafe { ioctl::call_buf(self.as_fd(), &ioctl::DEVICE_SET_IRQS, &mut buf) }.map(drop)
+        self.set_irq_fds(OP, sys::VFIO_IRQ_SET_ACTION_TRIGGER, index, start, &raw)
     }
 
     /// Disables every vector of interrupt `index` and releases its eventfds

@@ -118,6 +118,7 @@ impl BoundDevice {
     /// as a dma-buf fd (`VFIO_DEVICE_GET_GFX_DMABUF`). The fd is made close-on-exec (drivers may
     /// install it without the flag).
     pub fn gfx_dmabuf(&self, dmabuf_id: u32) -> Result<OwnedFd> {
+        self.check_process("VFIO_DEVICE_GET_GFX_DMABUF")?;
         let mut id = dmabuf_id;
         // SAFETY: VFIO_DEVICE_GET_GFX_DMABUF takes a pointer to a u32 plane id, which `id` is (readable
         // for the call); the kernel returns a new fd as the ioctl's result.

@@ -93,7 +93,7 @@ impl BoundDevice {
 
     /// `VFIO_DEVICE_SET_IRQS` with `DATA_EVENTFD | action` over `start..start + fds.len()`; the fds
     /// are borrowed open (or `-1`) by the callers for the call.
-    fn set_irq_fds(
+    pub(super) fn set_irq_fds(
         &self,
         op: &'static str,
         action: u32,

@@ -441,15 +441,15 @@ impl BoundDevice {
     pub fn enable_precopy_info_v2(&self) -> Result<()> {
         let feature = DeviceFeature::MIG_PRECOPY_INFO_V2;
         self.check_process(feature.name())?;
-        if self.iommufd().capabilities()?.predates("6.19") {
-            return Err(Error::unsupported(feature.name(), "7.0", Errno::NOTTY));
-        }
         let flags = self.migration_flags()?;
         if !flags.contains(MigrationFlags::PRE_COPY) {
             return Err(Error::NotCapable {
                 op: feature.name(),
                 reason: format!("the driver has no pre-copy (migration flags {flags:?})"),
             });
+        }
+        if self.iommufd().capabilities()?.predates("6.19") {
+            return Err(Error::unsupported(feature.name(), "7.0", Errno::NOTTY));
         }
         // SAFETY: MIG_PRECOPY_INFOv2 with SET carries no payload; `()` adds none.
         unsafe { feature_call(self.as_fd(), feature, sys::VFIO_DEVICE_FEATURE_SET, ()) }.map(drop)
@@ -508,6 +508,7 @@ impl MigrationData {
     /// only while the device is in `PRE_COPY` or `PRE_COPY_P2P` (`EINVAL` in other states); a resuming
     /// session gives [`Error::InvalidArgument`] before any ioctl.
     pub fn precopy_info(&self) -> Result<PrecopyInfo> {
+        self.check_process(ioctl::MIG_GET_PRECOPY_INFO.name)?;
         if self.direction != DataDirection::Save {
             return Err(Error::invalid(
                 ioctl::MIG_GET_PRECOPY_INFO.name,
@@ -528,13 +529,17 @@ impl MigrationData {
         if self.direction != DataDirection::Save {
             return Err(Error::invalid(OP, "a resuming session is write-only"));
         }
+        const CHUNK: usize = 64 * 1024;
         let start = out.len();
-        let mut chunk = vec![0u8; 64 * 1024];
+        // Read straight into `out`, grown by a chunk at a time and cut back to what arrived.
         loop {
-            match rustix::io::read(&self.fd, &mut chunk) {
+            let filled = out.len();
+            out.resize(filled + CHUNK, 0);
+            let r = rustix::io::read(&self.fd, &mut out[filled..]);
+            out.truncate(filled + *r.as_ref().unwrap_or(&0));
+            match r {
                 Ok(0) | Err(Errno::NOMSG) => return Ok(out.len() - start),
-                Ok(n) => out.extend_from_slice(&chunk[..n]),
-                Err(Errno::INTR) => {}
+                Ok(_) | Err(Errno::INTR) => {}
                 Err(e) => return Err(Error::os(OP, e)),
             }
         }

@@ -26,7 +26,7 @@ pub use pci::*;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use iommufd_sys as sys;
 
@@ -183,6 +183,7 @@ impl VfioDevice {
                 sysfs: self.device.and_then(|d| d.dir),
                 attached: Mutex::new(BTreeMap::new()),
                 migration: Default::default(),
+                pasid: OnceLock::new(),
             }),
         })
     }
@@ -246,6 +247,9 @@ pub(crate) struct DeviceInner {
     attached: Mutex<BTreeMap<AttachKey, Slot>>,
     /// Serialises migration state transitions and remembers the migration flags.
     migration: migration::MigrationShared,
+    /// PASID support, fixed for the bound device's life: who refuses PASID attachment (`None`: nobody),
+    /// and `max_pasid_log2`. Found on the first PASID attach.
+    pasid: OnceLock<(Option<crate::Errno>, u8)>,
 }
 
 impl DeviceInner {
@@ -353,9 +357,8 @@ impl BoundDevice {
                 "PASID 0 means no PASID to the kernel (IOMMU_NO_PASID), a whole-device attach: use attach()",
             ));
         }
-        // A kernel before 6.15 refuses the PASID flag with EINVAL, which also means a bad page table:
-        // ask first, without side effects, whether the kernel or the driver lacks it.
-        match crate::probe::pasid_attach_refusal(self.inner.fd.as_fd())? {
+        let (refusal, log2) = self.pasid_support()?;
+        match refusal {
             None => {}
             Some(crate::Errno::INVAL) => return Err(Error::unsupported(OP, "6.15", crate::Errno::INVAL)),
             Some(_) => {
@@ -366,7 +369,6 @@ impl BoundDevice {
                 });
             }
         }
-        let log2 = self.hw_info()?.max_pasid_log2;
         if log2 == 0 {
             let who = self.name().map_or_else(String::new, |n| format!(" {n}"));
             return Err(Error::NotCapable {
@@ -387,6 +389,18 @@ impl BoundDevice {
         Ok(())
     }
 
+    /// Who refuses PASID attachment and the device's `max_pasid_log2`, asked once. A kernel before
+    /// 6.15 refuses the PASID flag with `EINVAL`, which also means a bad page table, so a
+    /// side-effect-free probe tells first whether the kernel or the driver lacks it.
+    fn pasid_support(&self) -> Result<(Option<crate::Errno>, u8)> {
+        if let Some(&known) = self.inner.pasid.get() {
+            return Ok(known);
+        }
+        let refusal = crate::probe::pasid_attach_refusal(self.inner.fd.as_fd())?;
+        let log2 = if refusal.is_none() { self.hw_info()?.max_pasid_log2 } else { 0 };
+        Ok(*self.inner.pasid.get_or_init(|| (refusal, log2)))
+    }
+
     fn attach_inner(&self, pasid: Option<u32>, pt: &impl PageTable) -> Result<Attachment> {
         const OP: &str = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
         self.inner.iommufd.check_process(OP)?;
@@ -405,21 +419,7 @@ impl BoundDevice {
                 },
             ));
         }
-        if let Err(e) = attach_ioctl(self.inner.fd.as_fd(), pasid, pt.id()) {
-            // Before Linux 6.15 the PASID flag itself is refused with EINVAL, indistinguishable from a
-            // bad page table; a side-effect-free probe (only on this error path) tells which it was.
-            if pasid.is_some()
-                && e.errno() == Some(crate::Errno::INVAL)
-                && matches!(crate::probe::probe_pasid_attach(self.inner.fd.as_fd()), Ok(false))
-            {
-                return Err(Error::unsupported(
-                    "VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)",
-                    "6.15",
-                    crate::Errno::INVAL,
-                ));
-            }
-            return Err(e);
-        }
+        attach_ioctl(self.inner.fd.as_fd(), pasid, pt.id())?;
         // An orphaned slot was just replaced in the kernel: its old page table is released here.
         let orphan = attached.insert(pasid, Slot::Live);
         drop(attached);
