@@ -12,7 +12,7 @@
 //! error when the IOMMU cannot track dirty pages).
 
 use iommufd::testing::{self, MockDevice};
-use iommufd::{Access, DirtyBitmap, DmaBuffer, Hwpt, HwptFlags, Iommufd, Iova};
+use iommufd::{Access, DirtyBitmap, DmaBuffer, Hwpt, HwptFlags, Iommufd, Iova, Mapping};
 
 const PAGE: u64 = 4096;
 const PAGES: u64 = 1024; // 4 MiB of guest RAM
@@ -28,6 +28,22 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// Copies the pages `bitmap` marks dirty from `ram` to the same offsets of `destination`; returns the
+/// bytes sent.
+fn send_dirty(
+    ram: &Mapping<DmaBuffer>,
+    bitmap: &DirtyBitmap,
+    destination: &mut [u8],
+) -> iommufd::Result<usize> {
+    let mut sent = 0;
+    for range in bitmap.iter_ranges() {
+        let (offset, len) = ((range.start - ram.iova()) as usize, range.len() as usize);
+        ram.read_at(offset, &mut destination[offset..offset + len])?;
+        sent += len;
+    }
+    Ok(sent)
 }
 
 fn main() {
@@ -73,12 +89,7 @@ fn run() -> iommufd::Result<()> {
         // Read and clear in one call: a page written after this read shows up in the next round.
         hwpt.read_dirty_into(&mut bitmap, true)?;
         let dirty = bitmap.dirty_pages();
-        let mut sent = 0;
-        for range in bitmap.iter_ranges() {
-            let (offset, len) = ((range.start - gpa) as usize, range.len() as usize);
-            ram.read_at(offset, &mut destination[offset..offset + len])?;
-            sent += len;
-        }
+        let sent = send_dirty(&ram, &bitmap, &mut destination)?;
         let expected: u64 = marks.iter().map(|w| u64::from(w.count_ones())).sum();
         println!("round {round}: {dirty} dirty pages ({} KiB sent)", sent / 1024);
         if dirty != expected {
@@ -90,9 +101,18 @@ fn run() -> iommufd::Result<()> {
         }
     }
 
-    // Stop-and-copy: the device is quiesced (here: it writes nothing more), one last read and clear.
+    // The device's last writes before it is stopped.
+    let mut marks = vec![0u64; PAGES.div_ceil(64) as usize];
+    for page in [1, PAGES / 2, PAGES - 1] {
+        ram.write_at((page * PAGE) as usize, &rng.next().to_ne_bytes())?;
+        marks[(page / 64) as usize] |= 1 << (page % 64);
+    }
+    testing::set_dirty(&iommufd, hwpt.id(), gpa, PAGE, &marks)?;
+
+    // Stop-and-copy: the device is quiesced; one last read and clear, and the pages it names are sent.
     hwpt.read_dirty_into(&mut bitmap, true)?;
-    println!("stop-and-copy: {} dirty pages left", bitmap.dirty_pages());
+    let sent = send_dirty(&ram, &bitmap, &mut destination)?;
+    println!("stop-and-copy: {} dirty pages left ({} KiB sent)", bitmap.dirty_pages(), sent / 1024);
     hwpt.set_dirty_tracking(false)?;
 
     let mut source = vec![0u8; destination.len()];

@@ -56,6 +56,16 @@ fn setup() -> (Iommufd, iommufd::Ioas, MockDevice, Hwpt) {
     (iommufd, ioas, dev, parent)
 }
 
+/// A mock vIOMMU on `parent`; `None` on a kernel older than 6.13, after asserting the exact
+/// `Unsupported` it gives (the calling test then ends).
+fn mock_viommu(dev: &MockDevice, parent: &Hwpt, data: Option<&mut [u8]>) -> Option<Viommu> {
+    let r = Viommu::alloc(dev, parent, MOCK_VIOMMU, data);
+    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
+        return None;
+    }
+    Some(r.expect("IOMMU_VIOMMU_ALLOC"))
+}
+
 /// `struct iommu_hwpt_selftest` for a nested mock domain.
 fn mock_nested_data() -> NestedData {
     let mut bytes = tsys::IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes().to_vec();
@@ -70,11 +80,7 @@ fn viommu_children_and_explicit_teardown() {
         return;
     }
     let (iommufd, _ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     assert_ne!(viommu.id(), 0);
     assert_eq!(viommu.kind(), MOCK_VIOMMU);
     assert_eq!(viommu.nest_parent().id(), parent.id());
@@ -113,11 +119,7 @@ fn dropping_parents_first_still_tears_down_children_first() {
     }
     logs::start();
     let (iommufd, ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let veventq = Veventq::alloc(&viommu, MOCK_VEVENTQ, 4).unwrap();
     let ids = [vdev.id(), veventq.id(), viommu.id(), parent.id()];
@@ -150,11 +152,7 @@ fn viommu_driver_data_is_read_and_written_back() {
     // struct iommu_viommu_selftest { in_data, out_data, out_mmap_offset, out_mmap_length }.
     let mut data = [0u8; 24];
     data[..4].copy_from_slice(&0xcafe_f00du32.to_ne_bytes());
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, Some(&mut data));
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, Some(&mut data)) else { return };
     assert_eq!(u32::from_ne_bytes(data[4..8].try_into().unwrap()), 0xcafe_f00d, "out_data loops back");
     let mmap_len = u64::from_ne_bytes(data[16..24].try_into().unwrap());
     assert_eq!(mmap_len, 2 * page_size() as u64, "out_mmap_length");
@@ -216,11 +214,7 @@ fn vdevice_errors() {
     }
     let (iommufd, ioas, dev, parent) = setup();
     let dev2 = MockDevice::new(&ioas).unwrap();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     // One vDEVICE per device, and one device per virtual id.
     assert_eq!(errno(Vdevice::alloc(&viommu, &dev, VIRT_ID + 1)), Errno::EXIST);
@@ -242,11 +236,7 @@ fn veventq_errors() {
         return;
     }
     let (_iommufd, _ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     assert_eq!(errno(Veventq::alloc(&viommu, VeventqType::Default, 8)), Errno::OPNOTSUPP);
     assert_invalid(Veventq::alloc(&viommu, MOCK_VEVENTQ, 0));
     assert_eq!(errno(Veventq::alloc(&viommu, MOCK_VEVENTQ, (1 << 19) + 1)), Errno::INVAL);
@@ -267,11 +257,7 @@ fn vevents_are_delivered_and_losses_accounted() {
         return;
     }
     let (iommufd, ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     // The mock reports events for a device attached to a nested table of the vIOMMU.
     let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
@@ -335,11 +321,7 @@ fn a_veventq_type_that_does_not_match_its_events_is_an_error_not_a_spin() {
         return;
     }
     let (_iommufd, ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
     dev.replace(&nested).unwrap();
@@ -408,11 +390,7 @@ fn viommu_invalidation_reaches_the_device_cache() {
         return;
     }
     let (_iommufd, _ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let _vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let probe = InvalidateEntries::probe(tsys::IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST);
     assert_eq!(viommu.invalidate(&probe).unwrap(), 0);
@@ -454,11 +432,7 @@ fn hw_queues_pin_their_memory_and_chain() {
     let mapping = Arc::new(
         ioas.map(DmaBuffer::new(2 * page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap(),
     );
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
 
     // Refused before the ioctl: empty, overflowing, or outside the mapping given as the memory.
     assert_invalid(HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, 0));
@@ -531,11 +505,7 @@ fn a_hw_queue_unmaps_its_memory_after_it_is_destroyed() {
     let mapping = Arc::new(
         ioas.map(DmaBuffer::new(page as usize).unwrap(), Iova::Fixed(iova), Access::READ_WRITE).unwrap(),
     );
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let q = HwQueue::alloc(&viommu, MOCK_HW_QUEUE, 0, &mapping, iova, page).unwrap();
     let q_id = q.id();
     // The caller lets go of the mapping first: it used to be unmapped here, which the kernel refused
@@ -561,11 +531,7 @@ fn async_veventq_wakes_on_an_event() {
         return;
     }
     let (_iommufd, ioas, dev, parent) = setup();
-    let r = Viommu::alloc(&dev, &parent, MOCK_VIOMMU, None);
-    if common::unsupported_here(&r, "IOMMU_VIOMMU_ALLOC", "6.13", Errno::NOTTY) {
-        return;
-    }
-    let viommu = r.unwrap();
+    let Some(viommu) = mock_viommu(&dev, &parent, None) else { return };
     let vdev = Vdevice::alloc(&viommu, &dev, VIRT_ID).unwrap();
     let nested = Hwpt::alloc_nested(&dev, &viommu, &mock_nested_data(), HwptFlags::empty()).unwrap();
     dev.replace(&nested).unwrap();

@@ -409,10 +409,13 @@ pub fn bind(host: &Host, plan: &Plan, state: &StateFile) -> Result<Bound> {
 
 /// Binds the devices of `plan` (see [`bind`]), runs `f` while they are bound, and restores them
 /// whatever `f` did: it returns, panics (the restore runs while unwinding, then the panic goes on), or
-/// the process gets SIGINT, SIGTERM or SIGHUP while `f` runs. Those three are caught (by a handler
-/// that does nothing; they are not ignored, so a child process `f` starts gets their default action
-/// and stops, and `f` returns), and put back as they were afterwards. Meant for `f`s that run a child
-/// process, as `vfio-bind ... -- COMMAND` and the repository's `hw-test` do.
+/// the process gets SIGINT, SIGTERM or SIGHUP while `f` runs or the devices are restored. Those three
+/// are caught from the bind until the restore is done (by a handler that does nothing; they are not
+/// ignored, so a child process `f` starts gets their default action), and put back as they were
+/// afterwards. Meant for `f`s that run a child process, as `vfio-bind ... -- COMMAND` and the
+/// repository's `hw-test` do: a signal to the process group (Ctrl-C) stops the child, `f` returns and
+/// the devices are restored; a signal sent to this process alone does not stop the child (stop the
+/// child, or the group, instead), so it cannot cut a restore short either.
 ///
 /// Returns `f`'s result and the restore's; an error binding means `f` never ran.
 pub fn while_bound<T>(
@@ -421,11 +424,9 @@ pub fn while_bound<T>(
     state: &StateFile,
     f: impl FnOnce() -> T,
 ) -> Result<(T, Result<()>)> {
+    let _signals = CaughtSignals::install();
     let bound = bind(host, plan, state)?;
-    let value = {
-        let _signals = CaughtSignals::install();
-        f()
-    };
+    let value = f();
     Ok((value, bound.restore()))
 }
 

@@ -152,7 +152,8 @@ check_lsiommu() {
 }
 
 check_refusals() {
-    vfio-bind --state "$hw_state" "../$rng" && { echo "a path was accepted as an address"; return 1; }
+    vfio-bind --state "$hw_state" "../$rng" 2>/tmp/refused && { echo "a path was accepted as an address"; return 1; }
+    grep -q "is not a PCI address" /tmp/refused || { echo "refused for another reason: $(cat /tmp/refused)"; return 1; }
     vfio-bind --state "$hw_state" --dry-run "$rng" | tee /tmp/plan
     grep -q "^$rng: virtio-pci -> vfio-pci" /tmp/plan || { echo "the dry run did not plan the rebind"; return 1; }
     rng_on_virtio
@@ -176,6 +177,8 @@ check_failure_path() {
     rc=$?
     sed 's/^/    | /' /tmp/fail.out
     [ "$rc" = 101 ] || { echo "a failing test gave status $rc, not libtest's 101"; return 1; }
+    # It failed for the reason it was set up to: the group it was told is edu's, not virtio-rng's.
+    grep -q "right: \"$group\"" /tmp/fail.out || { echo "the test failed for another reason"; return 1; }
     rng_on_virtio || return 1
     vfio-bind --state "$hw_state" "$rng" -- sh -c 'kill -9 $$'
     rc=$?

@@ -74,7 +74,10 @@ usage: cargo xtask <task>
 
 /// `cargo xtask test`: the project's one test command.
 fn test(args: &[String]) -> Result<()> {
-    let host_only = args.iter().any(|a| a == "--host-only");
+    if let Some(bad) = args.iter().find(|a| *a != "--host-only") {
+        return Err(format!("test: unknown argument {bad:?} (the only one is --host-only)").into());
+    }
+    let host_only = !args.is_empty();
     eprintln!("== host tests (cargo test --workspace --all-features)");
     let mut cargo = Command::new(env!("CARGO"));
     // `--all-features` includes iommufd-sys's `bindgen`: unless told otherwise, generate from the
