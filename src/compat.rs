@@ -38,6 +38,7 @@ impl VfioCompatIoas<'_> {
         let mut arg = sys::iommu_vfio_ioas::new();
         arg.op = op as u16;
         arg.ioas_id = ioas_id;
+        self.iommufd.check_process(ioctl::VFIO_IOAS.name)?;
         // SAFETY: IOMMU_VFIO_IOAS takes `iommu_vfio_ioas`, sized by `new()`, with no pointers; the
         // kernel writes `ioas_id` back (GET) through the exclusive borrow.
         unsafe { ioctl::call(self.iommufd.as_fd(), &ioctl::VFIO_IOAS, &mut arg) }?;

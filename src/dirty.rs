@@ -404,6 +404,7 @@ impl Hwpt {
         let mut arg = sys::iommu_hwpt_set_dirty_tracking::new();
         arg.hwpt_id = self.id();
         arg.flags = if enable { sys::IOMMU_HWPT_DIRTY_TRACKING_ENABLE } else { 0 };
+        self.iommufd().check_process(ioctl::HWPT_SET_DIRTY_TRACKING.name)?;
         // SAFETY: IOMMU_HWPT_SET_DIRTY_TRACKING takes `iommu_hwpt_set_dirty_tracking`, sized by `new()`;
         // it holds no pointers.
         unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::HWPT_SET_DIRTY_TRACKING, &mut arg) }.map(drop)
@@ -439,6 +440,7 @@ impl Hwpt {
         arg.length = bitmap.length;
         arg.page_size = bitmap.page_size;
         arg.data = bitmap.buf.kernel_ptr();
+        self.iommufd().check_process(ioctl::HWPT_GET_DIRTY_BITMAP.name)?;
         // SAFETY: IOMMU_HWPT_GET_DIRTY_BITMAP takes `iommu_hwpt_get_dirty_bitmap`, sized by `new()`. Its
         // one user pointer, `data`, addresses the page-aligned start of `bitmap.buf`, whose span covers
         // every byte the kernel may write for this iova/length/page_size: the

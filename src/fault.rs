@@ -401,6 +401,7 @@ impl FaultQueue {
     /// Allocates a fault queue (`IOMMU_FAULT_QUEUE_ALLOC`, Linux 6.11).
     pub fn alloc(iommufd: &Iommufd) -> Result<FaultQueue> {
         let mut arg = sys::iommu_fault_alloc::new();
+        iommufd.check_process(ioctl::FAULT_QUEUE_ALLOC.name)?;
         // SAFETY: IOMMU_FAULT_QUEUE_ALLOC takes `iommu_fault_alloc`, sized by `new()`; it holds no
         // pointers, and the kernel writes the new id and fd back through the exclusive borrow.
         unsafe { ioctl::call(iommufd.as_fd(), &ioctl::FAULT_QUEUE_ALLOC, &mut arg) }?;
@@ -528,6 +529,7 @@ impl FaultQueue {
     /// rejected.
     pub fn respond_all(&self, responses: &[PageResponse]) -> Result<usize> {
         const OP: &str = "write(fault queue)";
+        self.inner.obj.iommufd().check_process(OP)?;
         if responses.is_empty() {
             return Ok(0);
         }

@@ -239,6 +239,7 @@ impl Hwpt {
         arg.data_type = data.data_type;
         arg.data_len = data.len;
         arg.data_uptr = data.uptr;
+        iommufd.check_process(ioctl::HWPT_ALLOC.name)?;
         // SAFETY: IOMMU_HWPT_ALLOC takes `iommu_hwpt_alloc`, sized by `new()`. Its one user pointer,
         // `data_uptr`, is null with `data_len` 0 or points at `data_len` readable bytes alive for the
         // call (this function's contract); the kernel only reads them.

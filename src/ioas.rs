@@ -289,6 +289,7 @@ fn validate_range(op: &'static str, iova: u64, len: u64, alignment: u64) -> Resu
 impl Ioas {
     pub(crate) fn alloc(iommufd: &Iommufd) -> Result<Ioas> {
         let mut arg = sys::iommu_ioas_alloc::new();
+        iommufd.check_process(ioctl::IOAS_ALLOC.name)?;
         // SAFETY: `iommu_ioas_alloc` is IOMMU_IOAS_ALLOC's argument, sized by `new()`; no pointers.
         unsafe { ioctl::call(iommufd.as_fd(), &ioctl::IOAS_ALLOC, &mut arg) }?;
         Ok(Ioas {

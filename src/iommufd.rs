@@ -181,6 +181,7 @@ impl Iommufd {
         arg.op = op;
         arg.object_id = object_id;
         arg.val64 = val64;
+        self.check_process(ioctl::OPTION.name)?;
         // SAFETY: `iommu_option` is IOMMU_OPTION's argument, sized by `new()`; it holds no pointers.
         unsafe { ioctl::call(self.as_fd(), &ioctl::OPTION, &mut arg) }?;
         Ok(arg.val64)

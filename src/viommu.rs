@@ -159,6 +159,7 @@ impl Viommu {
             arg.data_len = user_len(VIOMMU_ALLOC, "driver data", data.len())?;
             arg.data_uptr = data.as_mut_ptr() as u64;
         }
+        iommufd.check_process(ioctl::VIOMMU_ALLOC.name)?;
         // SAFETY: IOMMU_VIOMMU_ALLOC takes `iommu_viommu_alloc`, sized by `new()`. Its one user
         // pointer, `data_uptr`, is null with `data_len` 0 or points at the `data_len` bytes of `data`,
         // a slice exclusively borrowed for the whole call, which the kernel reads and writes (at most
@@ -281,6 +282,7 @@ impl Vdevice {
         arg.viommu_id = viommu.id();
         arg.dev_id = device.dev_id();
         arg.virt_id = virt_id;
+        iommufd.check_process(ioctl::VDEVICE_ALLOC.name)?;
         // SAFETY: IOMMU_VDEVICE_ALLOC takes `iommu_vdevice_alloc`, sized by `new()`; it holds no
         // pointers, and the kernel writes the new id back through the exclusive borrow.
         unsafe { ioctl::call(iommufd.as_fd(), &ioctl::VDEVICE_ALLOC, &mut arg) }?;
@@ -712,6 +714,7 @@ impl Veventq {
         arg.viommu_id = viommu.id();
         arg.type_ = kind.raw();
         arg.veventq_depth = depth;
+        iommufd.check_process(ioctl::VEVENTQ_ALLOC.name)?;
         // SAFETY: IOMMU_VEVENTQ_ALLOC takes `iommu_veventq_alloc`, sized by `new()`; it holds no
         // pointers, and the kernel writes the new id and fd back through the exclusive borrow.
         unsafe { ioctl::call(iommufd.as_fd(), &ioctl::VEVENTQ_ALLOC, &mut arg) }?;
@@ -1047,6 +1050,7 @@ impl HwQueue {
         // miss each other's entries.
         let mut registry = viommu.inner.hw_queues.lock().unwrap_or_else(|e| e.into_inner());
         let prev = index.checked_sub(1).and_then(|p| registry.get(&(kind.raw(), p))).and_then(Weak::upgrade);
+        iommufd.check_process(ioctl::HW_QUEUE_ALLOC.name)?;
         // SAFETY: IOMMU_HW_QUEUE_ALLOC takes `iommu_hw_queue_alloc`, sized by `new()`; it holds no
         // user pointers (`nesting_parent_iova` is an IOVA the kernel resolves through the IOAS and pins
         // itself), and the kernel writes the new id back through the exclusive borrow.

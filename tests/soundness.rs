@@ -409,6 +409,16 @@ fn a_forked_child_cannot_touch_the_parents_mappings() {
         if spare.as_slice()[..8] != spare_tag.to_ne_bytes() {
             code |= 16;
         }
+        // New objects too: made in the child they would carry the parent's ownership and leak.
+        if !matches!(iommufd.alloc_ioas(), Err(Error::ForeignProcess { .. })) {
+            code |= 32;
+        }
+        if !matches!(
+            iommufd::Hwpt::alloc(&_mock, &ioas, iommufd::HwptFlags::empty()),
+            Err(Error::ForeignProcess { .. })
+        ) {
+            code |= 64;
+        }
         drop(kept);
         drop(ioas);
         // SAFETY: ends the child without running the parent's test harness teardown.
@@ -421,7 +431,7 @@ fn a_forked_child_cannot_touch_the_parents_mappings() {
     assert_eq!(
         libc::WEXITSTATUS(status),
         0,
-        "child checks failed (bits: 1 owner, 2 read, 4 unmap_all, 8 unmap, 16 buffer)"
+        "child checks failed (bits: 1 owner, 2 read, 4 unmap_all, 8 unmap, 16 buffer, 32 IOAS alloc, 64 HWPT alloc)"
     );
 
     // The parent's mappings are intact, and new maps do not land on them.
