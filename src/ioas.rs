@@ -191,19 +191,23 @@ impl Areas {
         self.map.values().filter(|(_, o)| matches!(o, Owner::Guard(_))).count()
     }
 
-    /// Removes every leaked area inside `range` (after the kernel unmapped them).
+    /// Removes every leaked area inside `range` (after the kernel unmapped them), visiting only the
+    /// entries that start inside it.
     fn remove_leaked_in(&mut self, range: IovaRange) {
-        let mut removed = Vec::new();
-        self.map.retain(|&(start, _), &mut (last, owner)| {
-            let area = IovaRange { start, last };
-            let keep = owner != Owner::Leaked || !range.contains(&area);
-            if !keep {
-                removed.push(area);
+        if range.is_empty() {
+            return;
+        }
+        let doomed: Vec<((u64, u64), u64)> = self
+            .map
+            .range((range.start, 0)..=(range.last, u64::MAX))
+            .filter(|(_, (last, owner))| *owner == Owner::Leaked && *last <= range.last)
+            .map(|(&key, &(last, _))| (key, last))
+            .collect();
+        for (key, last) in doomed {
+            self.map.remove(&key);
+            if let Some(free) = &mut self.free {
+                free.release(IovaRange { start: key.0, last });
             }
-            keep
-        });
-        if let Some(free) = &mut self.free {
-            removed.into_iter().for_each(|r| free.release(r));
         }
     }
 }
@@ -574,21 +578,9 @@ impl Ioas {
     /// The buffer is released only by a successful [`Mapping::unmap`] (or the guard's drop), after the
     /// kernel confirms the IOVA range is gone. If the map fails, the buffer is freed: nothing was mapped.
     pub fn map(&self, buffer: DmaBuffer, at: Iova, access: Access) -> Result<Mapping<DmaBuffer>> {
-        const OP: &str = "IOMMU_IOAS_MAP";
-        Self::check_access(OP, access)?;
-        let len = buffer.len() as u64;
-        let mut areas = self.inner.lock(OP)?;
         let region = dma::dma_region(buffer);
-        let va = region.addr();
-        match self.place_and_map(&mut areas, OP, at, len, va, |flags, iova| {
-            self.map_va(va, len, flags | access.bits(), iova)
-        }) {
-            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, region)),
-            Err((e, flags, iova)) => {
-                self.failed_map(&mut areas, &e, flags, iova, len, region);
-                Err(e)
-            }
-        }
+        let (va, len) = (region.addr() as *mut u8, region.len());
+        self.map_va_held::<DmaBuffer>(va, len, at, access, region)
     }
 
     fn map_va(&self, va: u64, len: u64, flags: u32, iova: u64) -> Result<u64> {
@@ -659,12 +651,30 @@ impl Ioas {
         let len = len as u64;
         let mut areas = self.inner.lock(OP)?;
         let va = va as u64;
-        match self.place_and_map(&mut areas, OP, at, len, va, |flags, iova| {
+        self.map_guarded(&mut areas, OP, at, len, va, access, held, |flags, iova| {
             self.map_va(va, len, flags | access.bits(), iova)
-        }) {
-            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, held)),
+        })
+    }
+
+    /// Places and maps a new area with `ioctl` ([`place_and_map`](Self::place_and_map)), with the
+    /// registry `areas` locked by the caller: a guard holding `held` on success, the failed-map
+    /// handling ([`failed_map`](Self::failed_map)) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn map_guarded<M: Memory>(
+        &self,
+        areas: &mut Areas,
+        op: &'static str,
+        at: Iova,
+        len: u64,
+        hint: u64,
+        access: Access,
+        held: M::Held,
+        ioctl: impl FnMut(u32, u64) -> Result<u64>,
+    ) -> Result<Mapping<M>> {
+        match self.place_and_map(areas, op, at, len, hint, ioctl) {
+            Ok(iova) => Ok(self.guard(areas, iova, len, access, held)),
             Err((e, flags, iova)) => {
-                self.failed_map(&mut areas, &e, flags, iova, len, held);
+                self.failed_map(areas, &e, flags, iova, len, held);
                 Err(e)
             }
         }
@@ -702,7 +712,7 @@ impl Ioas {
         let file = file.as_fd();
         dma::check_file_access(OP, file, access, end)?;
         let mut areas = self.inner.lock(OP)?;
-        let placed = self.place_and_map(&mut areas, OP, at, len, offset, |flags, iova| {
+        self.map_guarded(&mut areas, OP, at, len, offset, access, (), |flags, iova| {
             let mut arg = sys::iommu_ioas_map_file::new();
             arg.ioas_id = self.id();
             arg.flags = flags | access.bits();
@@ -715,14 +725,7 @@ impl Ioas {
             // them itself.
             unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_MAP_FILE, &mut arg) }?;
             Ok(arg.iova)
-        });
-        match placed {
-            Ok(iova) => Ok(self.guard(&mut areas, iova, len, access, ())),
-            Err((e, flags, iova)) => {
-                self.failed_map(&mut areas, &e, flags, iova, len, ());
-                Err(e)
-            }
-        }
+        })
     }
 
     /// Maps the memory behind `src` (a mapping in any IOAS of the same iommufd, this one included) into
@@ -769,7 +772,7 @@ impl Ioas {
         // Only this IOAS's areas change. The source range cannot go away meanwhile: it is owned by
         // `src`, which is borrowed for the call, and `unmap_range`/`unmap_all` refuse owned ranges.
         let mut areas = self.inner.lock(OP)?;
-        let placed = self.place_and_map(&mut areas, OP, at, src.len, src.iova, |flags, iova| {
+        self.map_guarded(&mut areas, OP, at, src.len, src.iova, access, held, |flags, iova| {
             let mut arg = sys::iommu_ioas_copy::new();
             arg.flags = flags | access.bits();
             arg.dst_ioas_id = self.id();
@@ -781,14 +784,7 @@ impl Ioas {
             // new range shares pages the source guard keeps alive; the new guard holds them too.
             unsafe { ioctl::call(self.iommufd().as_fd(), &ioctl::IOAS_COPY, &mut arg) }?;
             Ok(arg.dst_iova)
-        });
-        match placed {
-            Ok(iova) => Ok(self.guard(&mut areas, iova, src.len, access, held)),
-            Err((e, flags, iova)) => {
-                self.failed_map(&mut areas, &e, flags, iova, src.len, held);
-                Err(e)
-            }
-        }
+        })
     }
 
     /// Unmaps every area fully inside `[iova, iova+len)` that no [`Mapping`] guard owns

@@ -189,7 +189,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(crate::device::prop_cases()))]
 
         /// Any type, bytes, reported length and flags: a value, never a panic or a read past the
         /// buffer; an unknown type keeps exactly the bytes the kernel reported (up to the buffer).
