@@ -302,12 +302,7 @@ mod mdev {
         let fd = Iommufd::open().unwrap();
         let dev = mdev.bind(&fd);
         let mut save = dev.set_migration_state(MigState::StopCopy).unwrap().unwrap();
-        // SAFETY: the tests run one at a time (--test-threads=1 in the VM); the child runs only code
-        // that takes no lock another thread could hold (the checks refuse before locking), then leaves
-        // with `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
+        let code = common::in_child(|| {
             let mut code = 0;
             let foreign = |e: &std::io::Error| {
                 matches!(
@@ -324,18 +319,9 @@ mod mdev {
             if !matches!(dev.set_migration_state(MigState::Running), Err(Error::ForeignProcess { .. })) {
                 code |= 4;
             }
-            // SAFETY: ends the child without running the parent's test harness teardown.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for the child just forked; `status` is a valid out pointer.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(libc::WIFEXITED(status), "child did not exit normally: {status:#x}");
-        assert_eq!(
-            libc::WEXITSTATUS(status),
-            0,
-            "child checks failed (bits: 1 read, 2 read_available, 4 set state)"
-        );
+            code
+        });
+        assert_eq!(code, 0, "child checks failed (bits: 1 read, 2 read_available, 4 set state)");
         // The child took nothing: the whole state is still there for the parent.
         let mut stream = Vec::new();
         save.read_to_end(&mut stream).unwrap();

@@ -216,23 +216,11 @@ fn change_process_moves_file_mappings_only() {
 
     // The live-update handoff: a child process (which inherited the iommufd) takes the file mapping
     // over, then the parent takes it back.
-    // SAFETY: the child only issues one ioctl through `change_process` (which allocates nothing) and
-    // leaves with `_exit`; it touches no lock another thread of this process could hold.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let code = match fd.change_process() {
-            Ok(()) => 0,
-            Err(e) => e.errno().map_or(255, |e| e.raw_os_error()),
-        };
-        // SAFETY: ends the child without running the parent's destructors or atexit handlers.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: waits for the child just forked; `status` is a valid out pointer.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status), "child status {status:#x}");
-    assert_eq!(libc::WEXITSTATUS(status), 0, "the child's IOMMU_IOAS_CHANGE_PROCESS failed with that errno");
+    let code = common::in_child(|| match fd.change_process() {
+        Ok(()) => 0,
+        Err(e) => e.errno().map_or(255, |e| e.raw_os_error()),
+    });
+    assert_eq!(code, 0, "the child's IOMMU_IOAS_CHANGE_PROCESS failed with that errno");
     fd.change_process().expect("the parent takes the pages back from the exited child");
     assert_eq!(m.unmap().unwrap(), ());
 }
@@ -426,25 +414,6 @@ fn attach_pasid_on_edu() {
     dev.attach(&ioas).unwrap().detach().unwrap();
 }
 
-/// Runs `f` in a `fork()`ed child (so that it may change its credentials and limits) and returns the
-/// child's exit code: what `f` returned, 101 if it panicked.
-fn in_child(f: impl FnOnce() -> i32) -> i32 {
-    // SAFETY: the VM suite runs tests one at a time (--test-threads=1); the child runs `f` and _exits,
-    // never returning into the test harness.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
-        // SAFETY: ends the child without running the parent's harness or destructors.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-    libc::WEXITSTATUS(status)
-}
-
 /// Lowers this process's RLIMIT_MEMLOCK to `bytes`.
 fn limit_memlock(bytes: u64) {
     let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
@@ -457,7 +426,7 @@ fn limit_memlock(bytes: u64) {
 fn memlock_is_charged_at_attach_time_and_never_to_cap_ipc_lock() {
     const LEN: usize = 1 << 20;
     // Root (CAP_IPC_LOCK) is never charged: a 1 MiB mapping attaches under a 64 KiB limit.
-    let code = in_child(|| {
+    let code = common::in_child(|| {
         limit_memlock(64 << 10);
         let fd = Iommufd::open().unwrap();
         let dev = edu(&fd);
@@ -470,7 +439,7 @@ fn memlock_is_charged_at_attach_time_and_never_to_cap_ipc_lock() {
     assert_eq!(code, 0, "root was limited by RLIMIT_MEMLOCK");
     // Without CAP_IPC_LOCK, a mapping made before any domain pins nothing; the pinning, and so the
     // ENOMEM, comes when a domain is filled: at HWPT allocation or at attach.
-    let code = in_child(|| {
+    let code = common::in_child(|| {
         let fd = Iommufd::open().unwrap();
         let cdev = iommufd::VfioDevice::open_pci(&common::edu_address()).unwrap();
         limit_memlock(64 << 10);

@@ -67,11 +67,11 @@ impl BoundDevice {
     /// group and this gives [`Error::Open`] (`ENOENT` on `iommu_group`).
     pub fn group(&self) -> Result<GroupFacts> {
         const OP: &str = "BoundDevice::group";
-        let dir = match (&self.inner.sysfs, self.name()) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(name)) => device_sysfs_dir(name).ok_or_else(|| {
-                Error::invalid(OP, format!("no device named {name:?} under /sys/bus/*/devices"))
-            })?,
+        let dir = match (self.sysfs_path(), self.name()) {
+            (Some(dir), _) => dir,
+            (None, Some(name)) => {
+                return Err(Error::invalid(OP, format!("no device named {name:?} under /sys/bus/*/devices")));
+            }
             (None, None) => {
                 return Err(Error::invalid(
                     OP,
@@ -142,7 +142,7 @@ fn parse_group_link(target: &Path) -> Option<u32> {
 
 /// The sysfs directory of the device called `name`: `/sys/bus/pci/devices/<name>` for PCI, otherwise
 /// the first bus that has it.
-fn device_sysfs_dir(name: &str) -> Option<PathBuf> {
+pub(super) fn device_sysfs_dir(name: &str) -> Option<PathBuf> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return None;
     }

@@ -322,12 +322,10 @@ impl BoundDevice {
     }
 
     /// The sysfs directory of the device (`/sys/devices/pci0000:00/0000:00:03.0`), resolved from the
-    /// cdev's device number; for a device known only by name, `/sys/bus/pci/devices/<name>`.
+    /// cdev's device number; for a device known only by name, the entry of that name under
+    /// `/sys/bus/*/devices` (any bus: PCI, platform, mdev).
     pub fn sysfs_path(&self) -> Option<PathBuf> {
-        self.inner
-            .sysfs
-            .clone()
-            .or_else(|| self.name().map(|n| PathBuf::from("/sys/bus/pci/devices").join(n)))
+        self.inner.sysfs.clone().or_else(|| self.name().and_then(group::device_sysfs_dir))
     }
 
     /// Points the whole device's DMA at `pt` (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`). Only one whole-device

@@ -353,3 +353,22 @@ pub fn pasid_mock_device(ioas: &iommufd::Ioas) -> Option<iommufd::testing::MockD
     }
     Some(r.expect("mock device with PASID"))
 }
+
+/// Runs `f` in a `fork()`ed child and returns the child's exit code: what `f` returned, 101 if it
+/// panicked. Values `f` uses are the child's copies; the parent's stay as they were.
+pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the VM suite runs tests one at a time (--test-threads=1); the child runs `f` and _exits,
+    // never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        // SAFETY: ends the child without running the parent's harness or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
