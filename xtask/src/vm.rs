@@ -279,14 +279,16 @@ struct Binaries {
 fn cargo(what: &[&str]) -> Command {
     // The suite includes the mock-IOMMU (`testing`), async (`tokio`) and VMM (`vm-memory`,
     // `vmm-sys-util`) tests.
-    cargo_package(what, "iommufd", "testing,tokio,vm-memory,vmm-sys-util")
+    cargo_packages(what, &["iommufd"], "testing,tokio,vm-memory,vmm-sys-util")
 }
 
-fn cargo_package(what: &[&str], package: &str, features: &str) -> Command {
+fn cargo_packages(what: &[&str], packages: &[&str], features: &str) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root())
-        .args(what)
-        .args(["-p", package, "--target", TARGET, "--message-format=json-render-diagnostics"])
+    cmd.current_dir(workspace_root()).args(what);
+    for package in packages {
+        cmd.args(["-p", package]);
+    }
+    cmd.args(["--target", TARGET, "--message-format=json-render-diagnostics"])
         .args(["--features", features, "--locked"])
         // A separate --target keeps these static builds from invalidating the host build's artifacts.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -370,23 +372,19 @@ fn build_binaries(mode: Mode) -> Result<Binaries> {
         // Integration tests keep their name; the library's unit tests become "lib-iommufd".
         tests.push((if kind == "test" { name } else { format!("{kind}-{name}") }, path));
     }
-    let mut examples = Vec::new();
-    for (kind, name, path) in cargo_executables(cargo(&["build", "--examples"]))? {
-        if kind == "example" {
-            examples.push((name, path));
-        }
-    }
-    // The tools, with the root crate's features of the builds above, so it is not built twice.
-    let mut tools = Vec::new();
-    let build_tools = cargo_package(
-        &["build", "--bins"],
-        "iommufd-tools",
-        // The library's features as the tests build it, so it is compiled once.
+    // The examples and the tools in one build: the tools then use the root crate as the examples
+    // build it (with its dev-dependencies' features), so it is compiled once.
+    let (mut examples, mut tools) = (Vec::new(), Vec::new());
+    let build = cargo_packages(
+        &["build", "--examples", "--bins"],
+        &["iommufd", "iommufd-tools"],
         "iommufd/testing,iommufd/tokio,iommufd/vm-memory,iommufd/vmm-sys-util",
     );
-    for (kind, name, path) in cargo_executables(build_tools)? {
-        if kind == "bin" {
-            tools.push((name, path));
+    for (kind, name, path) in cargo_executables(build)? {
+        match kind.as_str() {
+            "example" => examples.push((name, path)),
+            "bin" => tools.push((name, path)),
+            _ => {}
         }
     }
     tests.sort();
