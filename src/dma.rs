@@ -233,7 +233,9 @@ impl sealed::Sealed for DmaBuffer {}
 impl Memory for DmaBuffer {
     type Held = Arc<Region>;
     /// The buffer, unless a copy of the mapping in another IOAS still shares it (then `None`: the
-    /// memory is freed when the last copy is unmapped).
+    /// memory is freed when the last copy is unmapped). When the last two copies are unmapped on two
+    /// threads at once, each may see the other's reference: both get `None` and the memory is freed
+    /// (never handed out twice).
     type Unmapped = Option<DmaBuffer>;
     fn release(mut held: Arc<Region>) -> Option<DmaBuffer> {
         // `get_mut` succeeds only for the last reference (no other copy's guard holds the region), and
